@@ -1,0 +1,232 @@
+"""Convert a Hugging Face gpt-oss checkpoint to an MLX checkpoint folder, shard by shard.
+
+Reads: `config.json`, `*.safetensors` (published MXFP4 layout, or a bf16 fine-tune saved by
+transformers, whose experts are `(E, in, out)`), tokenizer files.
+Writes (atomically, all or nothing): `config.json` with MLX's `quantization` entry when the
+experts stay MXFP4, `model-0000K-of-0000N.safetensors` in mlx-lm's names (`gate_proj`,
+`up_proj`, `down_proj` split from the interleaved `gate_up_proj`: row 2j is gate j, row
+2j+1 is up j), the tokenizer files, and `relief-manifest.json` (source, revision, sha256 of
+every input and output shard, options, versions). `mlx_lm.load` reads the result as it is.
+
+Each output shard holds what one input shard held, so peak memory is about one shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+import mlx.core as mx
+
+from .. import hub
+from ..errors import ReliefError
+from ..io import atomic_dir, write_json
+from .mxfp4 import GROUP_SIZE, QUANTIZATION, quantize
+from .presets import tensor_plan
+from .safetensors_header import read_header
+
+EXPERTS = ("auto", "mxfp4", "bfloat16", "float32")
+DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json")
+MANIFEST = "relief-manifest.json"
+Progress = Callable[[int, int, str], None]
+
+
+def read_config(path: Path) -> dict:
+    file = path / "config.json"
+    if not file.is_file():
+        raise ReliefError(f"{path} is not a checkpoint folder: it has no config.json")
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ReliefError(f"{file} is not valid JSON (line {e.lineno}); download it again") from e
+    if config.get("model_type") != "gpt_oss":
+        raise ReliefError(f"{file} has model_type {config.get('model_type')!r}; relief-mlx converts only 'gpt_oss' checkpoints")
+    return config
+
+
+def source_shards(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / n for n in names]
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        raise ReliefError(f"{path} holds no *.safetensors files; is it a checkpoint folder?")
+    return shards
+
+
+def expected_tensors(config: dict, layout: str) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every source tensor, in the MXFP4 layout or transformers' bf16 layout."""
+    expected = {}
+    for name, shape, _ in tensor_plan(config):
+        if layout == "bf16" and name.endswith(("_blocks", "_scales")):
+            if name.endswith("_blocks"):  # transformers keeps (E, in, out)
+                out, inp = shape[1], shape[2] * 32
+                expected[name.removesuffix("_blocks")] = (shape[0], inp, out)
+            continue
+        expected[name] = shape
+    return expected
+
+
+def check_source(config: dict, shards: list[Path]) -> str:
+    """Validate names and shapes from the headers alone; return the layout, 'mxfp4' or 'bf16'."""
+    found: dict[str, tuple[tuple[int, ...], Path]] = {}
+    for shard in shards:
+        for name, (_, shape) in read_header(shard).items():
+            found[name] = (shape, shard)
+    layout = "mxfp4" if any(n.endswith("_blocks") for n in found) else "bf16"
+    for name, shape in expected_tensors(config, layout).items():
+        if name not in found:
+            raise ReliefError(f"tensor {name} is missing from the checkpoint; the download is incomplete or the config does not match it")
+        if found[name][0] != shape:
+            raise ReliefError(
+                f"tensor {name} in {found[name][1].name} has shape {found[name][0]}, but config.json implies {shape}; "
+                "the shards and config.json come from different models"
+            )
+    return layout
+
+
+def _split_gate_up(prefix: str, suffix: str, value: mx.array, axis: int) -> dict[str, mx.array]:
+    """Interleaved rows (or bias entries): even -> gate_proj, odd -> up_proj."""
+    index = [slice(None)] * value.ndim
+    out = {}
+    for proj, start in (("gate_proj", 0), ("up_proj", 1)):
+        index[axis] = slice(start, None, 2)
+        out[f"{prefix}.{proj}.{suffix}"] = mx.contiguous(value[tuple(index)])
+    return out
+
+
+def _expert_tensors(prefix: str, proj: str, weight: mx.array, scales: mx.array | None,
+                    bias: mx.array, experts: str, dtype: mx.Dtype) -> dict[str, mx.array]:
+    """MLX tensors of one expert projection. `weight` is uint32 MXFP4 when `scales` is given,
+    else dense (E, out, in)."""
+    if scales is not None and experts != "mxfp4":
+        weight = mx.dequantize(weight, scales, group_size=GROUP_SIZE, bits=4, mode="mxfp4",
+                               dtype=DTYPES[experts])
+        scales = None
+    elif scales is None and experts == "mxfp4":
+        weight, scales = mx.quantize(weight.astype(mx.float32), **QUANTIZATION)
+    elif scales is None:
+        weight = weight.astype(DTYPES[experts])
+    bias = bias.astype(dtype if experts == "mxfp4" else DTYPES[experts])
+    tensors = {"weight": weight, "bias": bias} | ({"scales": scales} if scales is not None else {})
+    out = {}
+    for suffix, value in tensors.items():
+        axis = -1 if suffix == "bias" else -2
+        if proj == "gate_up_proj":
+            out |= _split_gate_up(prefix, suffix, value, axis)
+        else:
+            out[f"{prefix}.down_proj.{suffix}"] = value
+    return out
+
+
+def map_tensors(pending: dict[str, mx.array], layout: str, experts: str,
+                dtype: mx.Dtype) -> dict[str, mx.array]:
+    """Map every tensor of `pending` that is complete; the rest stays in `pending`.
+
+    An expert projection needs its weight, bias (and scales) together, which may sit in
+    different shards; everything else maps alone.
+    """
+    out = {}
+    for name in sorted(pending):
+        if name not in pending:
+            continue  # consumed with its projection
+        if ".mlp.experts." not in name:
+            out[name] = pending.pop(name).astype(dtype)
+            continue
+        prefix, leaf = name.rsplit(".", 1)
+        proj = "gate_up_proj" if leaf.startswith("gate_up_proj") else "down_proj"
+        parts = [f"{prefix}.{proj}_bias"]
+        parts += [f"{prefix}.{proj}_blocks", f"{prefix}.{proj}_scales"] if layout == "mxfp4" else [f"{prefix}.{proj}"]
+        if not all(p in pending for p in parts):
+            continue
+        bias = pending.pop(parts[0])
+        if layout == "mxfp4":
+            weight = pending.pop(parts[1]).view(mx.uint32).flatten(-2)  # (E, out, in/8)
+            scales = pending.pop(parts[2])
+        else:
+            weight, scales = pending.pop(parts[1]).swapaxes(-1, -2), None  # (E, in, out) -> (E, out, in)
+        out |= _expert_tensors(prefix, proj, weight, scales, bias, experts, dtype)
+    return out
+
+
+def mlx_config(config: dict, experts: str) -> dict:
+    config = {k: v for k, v in config.items() if k != "quantization_config"}
+    if experts == "mxfp4":
+        config["quantization"] = dict(QUANTIZATION)
+    return config
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    return {p: metadata.version(p) for p in ("relief-mlx", "mlx", "mlx-lm") if _installed(p)}
+
+
+def _installed(package: str) -> bool:
+    try:
+        metadata.version(package)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+def convert(src: str | Path, out: str | Path, revision: str | None = None, experts: str = "auto",
+            dtype: str = "bfloat16", overwrite: bool = False, progress: Progress | None = None) -> Path:
+    """Convert `src` (folder or Hub id) to an MLX checkpoint at `out`. Returns `out`."""
+    if experts not in EXPERTS or dtype not in DTYPES:
+        raise ReliefError(f"--experts must be one of {EXPERTS} and --dtype one of {tuple(DTYPES)}")
+    path, source = hub.resolve(src, revision)
+    config = read_config(path)
+    shards = source_shards(path)
+    layout = check_source(config, shards)
+    if not (path / "tokenizer.json").is_file():
+        raise ReliefError(f"{path} has no tokenizer.json; copy the tokenizer files of the source model into it")
+    experts = ("mxfp4" if layout == "mxfp4" else "bfloat16") if experts == "auto" else experts
+    total = sum(len(read_header(s)) for s in shards)
+    done, pending, outputs = 0, {}, {}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        for k, shard in enumerate(shards):
+            try:
+                loaded = mx.load(str(shard))
+            except (RuntimeError, ValueError) as e:
+                raise ReliefError(f"could not read {shard}: {e}; download it again") from e
+            pending |= loaded
+            tensors = map_tensors(pending, layout, experts, DTYPES[dtype])
+            name = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            mx.save_safetensors(str(tmp / name), dict(sorted(tensors.items())), metadata={"format": "mlx"})
+            outputs[name] = sorted(tensors)
+            done += len(loaded)
+            if progress:
+                progress(done, total, shard.name)
+        if pending:
+            raise ReliefError(f"tensors {sorted(pending)[:3]} have no matching blocks/scales/bias; the checkpoint is incomplete")
+        weight_map = {t: f for f, names in outputs.items() for t in names}
+        write_json(tmp / "model.safetensors.index.json",
+                   {"metadata": {"format": "mlx"}, "weight_map": dict(sorted(weight_map.items()))})
+        write_json(tmp / "config.json", mlx_config(config, experts))
+        for f in TOKENIZER_FILES:
+            if (path / f).is_file():
+                shutil.copyfile(path / f, tmp / f)
+        write_json(tmp / MANIFEST, {
+            "format": "relief-mlx/1",
+            **source,
+            "layout": layout,
+            "options": {"experts": experts, "dtype": dtype},
+            "inputs": {s.name: sha256(s) for s in shards},
+            "outputs": {f: sha256(tmp / f) for f in outputs},
+            "versions": _versions(),
+        })
+    return Path(out)
