@@ -47,6 +47,20 @@ def read_config(path: Path) -> dict:
         raise ReliefError(f"{file} is not valid JSON (line {e.lineno}); download it again") from e
     if config.get("model_type") != "gpt_oss":
         raise ReliefError(f"{file} has model_type {config.get('model_type')!r}; relief-mlx converts only 'gpt_oss' checkpoints")
+    return normalize_rope(config)
+
+
+def normalize_rope(config: dict) -> dict:
+    """transformers >= 5 saves `rope_parameters` (with rope_theta inside) where the published
+    config has `rope_scaling` and `rope_theta`; mlx-lm reads only the latter, and without them
+    the model would silently run with no YaRN."""
+    if "rope_parameters" not in config:
+        return config
+    config = dict(config)
+    params = dict(config.pop("rope_parameters"))
+    config["rope_theta"] = params.pop("rope_theta", config.get("rope_theta"))
+    if params.get("rope_type", "default") != "default":
+        config["rope_scaling"] = params
     return config
 
 
@@ -230,3 +244,41 @@ def convert(src: str | Path, out: str | Path, revision: str | None = None, exper
             "versions": _versions(),
         })
     return Path(out)
+
+
+def verify(src: str | Path, out: str | Path, layers: int = 2, tokens: int = 160, seed: int = 0) -> dict:
+    """Run `tokens` random tokens through the first `layers` layers (plus embeddings and head)
+    of the converted model and of a float32 reference built from the source weights with the
+    experts dequantized; return the worst relative logit error and the argmax agreement.
+
+    The sequence is longer than the 128-token sliding window, so both attention types and the
+    window are exercised; truncating depth keeps memory small even for gpt-oss-20b.
+    """
+    import numpy as np
+
+    from ..model.load import build_model, read_weights
+
+    path, _ = hub.resolve(src)
+    config = read_config(path)
+    config = config | {"num_hidden_layers": min(layers, config["num_hidden_layers"])}
+    config["layer_types"] = config.get("layer_types", [])[: config["num_hidden_layers"]] or None
+
+    def keep(name: str) -> bool:
+        return not name.startswith("model.layers.") or int(name.split(".")[2]) < config["num_hidden_layers"]
+
+    shards = source_shards(path)
+    layout = check_source(read_config(path), shards)
+    source = {k: v for s in shards for k, v in mx.load(str(s)).items() if keep(k)}
+    reference = build_model(mlx_config(config, "float32"), map_tensors(source, layout, "float32", mx.float32), mx.float32)
+    converted = json.loads((Path(out) / "config.json").read_text()) | {
+        "num_hidden_layers": config["num_hidden_layers"], "layer_types": config["layer_types"]}
+    model = build_model(converted, {k: v for k, v in read_weights(Path(out)).items() if keep(k)}, mx.float32)
+    ids = mx.array(np.random.default_rng(seed).integers(0, config["vocab_size"] - 1100, size=(1, tokens)))
+    want, got = reference(ids), model(ids)
+    error = mx.max(mx.abs(got - want), axis=-1) / mx.max(mx.abs(want), axis=-1)
+    return {
+        "layers": config["num_hidden_layers"],
+        "tokens": tokens,
+        "max_relative_error": float(error.max()),
+        "argmax_agreement": float((got.argmax(-1) == want.argmax(-1)).mean()),
+    }

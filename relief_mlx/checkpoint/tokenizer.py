@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
-import importlib.resources
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -96,15 +96,17 @@ def _env_ranks() -> Path | None:
 
 
 def _wheel_ranks() -> bytes:
-    try:
-        gz = importlib.resources.files("bpe_openai") / "data" / f"{O200K_FILE}.gz"
-        data = gzip.decompress(gz.read_bytes())
-    except (ModuleNotFoundError, FileNotFoundError) as e:
+    # find_spec locates the package without importing it: bpe_openai's __init__ builds its
+    # encoders, which costs seconds, and only its data file is wanted here.
+    spec = importlib.util.find_spec("bpe_openai")
+    gz = Path(spec.submodule_search_locations[0]) / "data" / f"{O200K_FILE}.gz" if spec else None
+    if gz is None or not gz.is_file():
         raise ReliefError(
             f"the o200k_base ranks were found neither in $TIKTOKEN_ENCODINGS_BASE/{O200K_FILE} "
-            f"nor in the bpe-openai wheel ({e}); run `pip install bpe-openai` or point "
+            "nor in the bpe-openai wheel; run `pip install bpe-openai` or point "
             "TIKTOKEN_ENCODINGS_BASE at a folder holding o200k_base.tiktoken"
-        ) from e
+        )
+    data = gzip.decompress(gz.read_bytes())
     if _sha256(data) != O200K_SHA256:
         raise ReliefError(
             f"the {O200K_FILE}.gz shipped by bpe-openai is not the o200k_base ranks (sha256 "
@@ -217,9 +219,7 @@ def cached_tokenizer_json() -> Path:
 
 def _added_tokens_decoder() -> dict[str, dict]:
     entry = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
-    return {
-        str(i): {"content": t, **entry, "special": True} for i, t in special_tokens().items()
-    }
+    return {str(i): {"content": t, **entry, "special": True} for i, t in special_tokens().items()}
 
 
 def tokenizer_config() -> dict:
@@ -248,7 +248,9 @@ CHAT_TEMPLATE = r"""
   {%- set model_identity = "You are ChatGPT, a large language model trained by OpenAI." -%}
 {%- endif -%}
 {%- if reasoning_effort is not defined -%}{%- set reasoning_effort = "medium" -%}{%- endif -%}
-{%- if current_date is not defined -%}{%- set current_date = strftime_now("%Y-%m-%d") -%}{%- endif -%}
+{%- if current_date is not defined -%}
+  {%- set current_date = strftime_now("%Y-%m-%d") -%}
+{%- endif -%}
 {%- if tools -%}
   {{- raise_exception("this gpt-oss chat template renders no tools; leave tools out") -}}
 {%- endif -%}
@@ -278,7 +280,8 @@ Reasoning: {{ reasoning_effort }}
       <|start|>assistant<|channel|>final<|message|>{{ message.content }}<|end|>
     {%- endif -%}
   {%- else -%}
-    {{- raise_exception("this gpt-oss chat template renders system (first), user and assistant messages, not " + message.role) -}}
+    {{- raise_exception("this chat template renders system (first), user and assistant "
+                        + "messages, not " + message.role) -}}
   {%- endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}<|start|>assistant{%- endif -%}

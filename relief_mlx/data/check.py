@@ -1,0 +1,422 @@
+"""`relief data check` and `relief data show` as data: reports that cli.py prints.
+
+The check fails (`CheckReport.ok` is False) on: exact duplicate examples, the same user prompt
+in two splits, near-duplicate answers in two splits (leakage inflates valid/test scores), and
+examples the length policy would drop. It warns on: near-duplicate answers within a split,
+examples that would be shortened, chat lines without `sources`, skipped invalid lines.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ReliefError
+from .dataset import (
+    TRAINING_OPTIONS,
+    Dataset,
+    Record,
+    Tokenized,
+    load_dataset,
+    tokenize,
+)
+from .harmony import HarmonyTokenizer, RenderOptions, default_tokenizer
+
+# Two answers sharing half their character 5-grams (Jaccard >= 0.5) are one answer lightly
+# edited. Measured on the emergency_relief drafts (264 answers): distinct answers peak at 0.27
+# (median 0.04); the same answer with a few phrases reworded scores 0.83, with its numbers
+# changed 0.92, with every other sentence removed 0.52. 5 characters span a short word and a
+# space, so shared phrasing counts and shared vocabulary alone does not.
+NEAR_DUPLICATE_JACCARD = 0.5
+SHINGLE_CHARS = 5
+# MinHash finds candidate pairs in O(n^2 * K) vector work; exact Jaccard then confirms each.
+# With K=128 the estimate's standard deviation is at most 0.045, so the 0.15 margin misses a
+# true pair with probability well under 1e-3.
+_MINHASH_K = 128
+_MINHASH_MARGIN = 0.15
+MAX_LISTED = 20  # findings of one kind printed in full; the count is always exact
+
+
+@dataclass
+class SplitReport:
+    """Counts and token lengths of one split."""
+
+    name: str
+    files: list[str]
+    examples: int
+    categories: dict[str, int]
+    length_min: int
+    length_median: float
+    length_p95: float
+    length_max: int
+    over_max_length: int  # examples longer than max_length before the policy
+    turns_dropped: int
+    truncated: int
+    dropped: int
+    trained_tokens: int
+    without_sources: int
+
+
+@dataclass
+class Finding:
+    """One problem found; `fail` ones make the check fail, others warn."""
+
+    kind: str
+    where: list[str]
+    detail: str
+    fail: bool
+
+
+@dataclass
+class CheckReport:
+    """Everything `relief data check` found, printable and serializable."""
+
+    path: str
+    max_length: int
+    mask_mode: str
+    formats: list[str]
+    splits: list[SplitReport]
+    invalid: list[str]
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not any(f.fail for f in self.findings)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+    def lines(self) -> list[str]:
+        """The human report, one line per string."""
+        return [*_header_lines(self), *_category_lines(self), *_finding_lines(self)]
+
+
+# ---------------------------------------------------------------- near duplicates
+
+
+def _normalize(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip().lower())
+
+
+def _shingles(text: str) -> np.ndarray:
+    """Hashes of the distinct character 5-grams of `text` (whitespace-normalized, lowercased)."""
+    codes = np.frombuffer(_normalize(text).encode("utf-32-le"), np.uint32).astype(np.uint64)
+    if len(codes) < SHINGLE_CHARS:
+        codes = np.concatenate([codes, np.zeros(SHINGLE_CHARS - len(codes), np.uint64)])
+    n = len(codes) - SHINGLE_CHARS + 1
+    h = np.zeros(n, np.uint64)
+    with np.errstate(over="ignore"):  # wrap-around is the hash
+        for k in range(SHINGLE_CHARS):
+            h = h * np.uint64(0x100000001B3) + codes[k : k + n]
+    return np.unique(h)
+
+
+def _jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    inter = len(np.intersect1d(a, b, assume_unique=True))
+    return inter / (len(a) + len(b) - inter)
+
+
+def _minhash(sets: list[np.ndarray]) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    a = rng.integers(1, 2**63, _MINHASH_K, dtype=np.uint64) | np.uint64(1)
+    b = rng.integers(0, 2**63, _MINHASH_K, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        return np.stack([(s[:, None] * a + b).min(axis=0) for s in sets])  # (n, K)
+
+
+def near_duplicate_pairs(
+    texts: list[str], threshold: float = NEAR_DUPLICATE_JACCARD
+) -> list[tuple[int, int, float]]:
+    """Pairs (i, j, jaccard) with i < j whose 5-gram Jaccard similarity is >= threshold."""
+    if len(texts) < 2:
+        return []
+    sets = [_shingles(t) for t in texts]
+    sig = _minhash(sets)
+    pairs = []
+    for i in range(len(texts) - 1):
+        estimate = (sig[i + 1 :] == sig[i]).mean(axis=1)
+        for j in np.nonzero(estimate >= threshold - _MINHASH_MARGIN)[0] + i + 1:
+            similarity = _jaccard(sets[i], sets[j])
+            if similarity >= threshold:
+                pairs.append((i, int(j), round(similarity, 3)))
+    return pairs
+
+
+# ---------------------------------------------------------------- findings
+
+
+def _answer(record: Record) -> str:
+    if record.format == "text":
+        return record.text or ""
+    return record.messages[-1]["content"]
+
+
+def _prompt(record: Record) -> str:
+    return _normalize(" ".join(m["content"] for m in record.messages if m["role"] == "user"))
+
+
+def _exact_duplicates(records: list[Record]) -> list[Finding]:
+    groups: dict[str, list[Record]] = defaultdict(list)
+    for r in records:
+        groups[json.dumps([r.messages, r.text], sort_keys=True)].append(r)
+    return [
+        Finding("exact duplicate", [r.where for r in group], "the same example twice", True)
+        for group in groups.values()
+        if len(group) > 1
+    ]
+
+
+def _prompt_leaks(records: list[Record]) -> list[Finding]:
+    groups: dict[str, list[Record]] = defaultdict(list)
+    for r in records:
+        if r.format != "text":
+            groups[_prompt(r)].append(r)
+    return [
+        Finding("prompt in two splits", [r.where for r in group], "the same user prompt", True)
+        for group in groups.values()
+        if len({r.split for r in group}) > 1
+        and len({json.dumps(r.messages) for r in group}) > 1  # identical ones: exact duplicates
+    ]
+
+
+def _near_duplicates(records: list[Record]) -> list[Finding]:
+    findings = []
+    for i, j, similarity in near_duplicate_pairs([_answer(r) for r in records]):
+        a, b = records[i], records[j]
+        if json.dumps([a.messages, a.text]) == json.dumps([b.messages, b.text]):
+            continue  # reported as an exact duplicate
+        leak = a.split != b.split
+        kind = "near-duplicate answers in two splits" if leak else "near-duplicate answers"
+        findings.append(Finding(kind, [a.where, b.where], f"Jaccard {similarity:.2f}", leak))
+    return findings
+
+
+def _length_findings(tokenized: Tokenized, max_length: int) -> list[Finding]:
+    findings = [
+        Finding("too long", [r.where], f"the last answer does not fit in {max_length} tokens", True)
+        for r in tokenized.dropped
+    ]
+    findings += [
+        Finding("shortened", [e.record.where], f"{e.full_length} tokens, {e.fate}", False)
+        for e in tokenized.examples
+        if e.fate != "kept"
+    ]
+    return findings
+
+
+# ---------------------------------------------------------------- the check
+
+
+def _split_report(
+    name: str, records: list[Record], tokenized: Tokenized, max_length: int
+) -> SplitReport:
+    lengths = tokenized.full_lengths or [0]
+    counts = tokenized.counts()
+    chat = [r for r in records if r.format == "chat"]
+    return SplitReport(
+        name=name,
+        files=sorted({r.file for r in records}),
+        examples=len(records),
+        categories=dict(Counter(r.category or "(none)" for r in records)),
+        length_min=int(min(lengths)),
+        length_median=float(statistics.median(lengths)),
+        length_p95=float(np.percentile(lengths, 95)),
+        length_max=int(max(lengths)),
+        over_max_length=sum(n > max_length for n in lengths),
+        turns_dropped=counts["turns_dropped"],
+        truncated=counts["truncated"],
+        dropped=counts["dropped"],
+        trained_tokens=counts["trained_tokens"],
+        without_sources=sum(not r.sources for r in chat),
+    )
+
+
+def _resolve_tokenizer(tokenizer: Any) -> HarmonyTokenizer:
+    if tokenizer is None:
+        return default_tokenizer()
+    if isinstance(tokenizer, (str, Path)):
+        return HarmonyTokenizer.from_dir(tokenizer)
+    return HarmonyTokenizer.from_any(tokenizer)
+
+
+def check_dataset(
+    path: str | Path,
+    max_length: int = 2048,
+    tokenizer: Any = None,
+    skip_invalid: bool = False,
+    mask_mode: str = "final",
+    options: RenderOptions = TRAINING_OPTIONS,
+) -> CheckReport:
+    """Validate, tokenize and cross-check a dataset (file, folder or Hub id).
+
+    tokenizer: None (o200k_harmony, built offline), a folder holding tokenizer.json, or a
+    tokenizer object. Invalid lines raise ReliefError unless `skip_invalid`.
+    """
+    data: Dataset = load_dataset(path, skip_invalid)
+    tok = _resolve_tokenizer(tokenizer)
+    splits, findings = [], []
+    for name, records in data.splits.items():
+        tokenized = tokenize(records, max_length, options, mask_mode, tok)
+        splits.append(_split_report(name, records, tokenized, max_length))
+        findings += _length_findings(tokenized, max_length)
+    records = data.records()
+    findings = [
+        *_exact_duplicates(records),
+        *_prompt_leaks(records),
+        *_near_duplicates(records),
+        *findings,
+    ]
+    findings += [
+        Finding("no sources", [], f"{s.without_sources} chat lines in {s.name} cite none", False)
+        for s in splits
+        if s.without_sources
+    ]
+    findings += [Finding("invalid line skipped", [], line, False) for line in data.invalid]
+    formats = sorted({r.format for r in records})
+    return CheckReport(data.root, max_length, mask_mode, formats, splits, data.invalid, findings)
+
+
+# ---------------------------------------------------------------- printing
+
+
+def _header_lines(report: CheckReport) -> list[str]:
+    lines = [
+        f"dataset {report.path} ({', '.join(report.formats) or 'empty'}; "
+        f"max_length {report.max_length}; mask {report.mask_mode})",
+        f"{'split':<16}{'examples':>9}  {'tokens min/median/p95/max':<26}"
+        f"{'> max':>6}{'shortened':>10}{'dropped':>8}{'trained tok':>12}",
+    ]
+    for s in report.splits:
+        stats = f"{s.length_min}/{s.length_median:.0f}/{s.length_p95:.0f}/{s.length_max}"
+        lines.append(
+            f"{s.name:<16}{s.examples:>9}  {stats:<26}{s.over_max_length:>6}"
+            f"{s.turns_dropped + s.truncated:>10}{s.dropped:>8}{s.trained_tokens:>12}"
+        )
+    return lines
+
+
+def _category_lines(report: CheckReport) -> list[str]:
+    names = sorted({c for s in report.splits for c in s.categories})
+    if names == ["(none)"]:
+        return []
+    lines = ["category              total  per split"]
+    for c in names:
+        per_split = {s.name: s.categories[c] for s in report.splits if c in s.categories}
+        total = sum(per_split.values())
+        lines.append(f"{c:<20}{total:>7}  " + ", ".join(f"{k} {n}" for k, n in per_split.items()))
+    return lines
+
+
+def _finding_text(f: Finding) -> str:
+    where = " = ".join(f.where)
+    if where and f.detail:
+        return f"{where}  ({f.detail})"
+    return where or f.detail
+
+
+def _finding_lines(report: CheckReport) -> list[str]:
+    by_kind: dict[str, list[Finding]] = defaultdict(list)
+    for f in report.findings:
+        by_kind[f.kind].append(f)
+    lines = []
+    for kind, group in by_kind.items():
+        lines.append(f"{'FAIL' if group[0].fail else 'warn'} {kind}: {len(group)}")
+        lines += [f"  {_finding_text(f)}" for f in group[:MAX_LISTED]]
+        if len(group) > MAX_LISTED:
+            lines.append(f"  ... and {len(group) - MAX_LISTED} more (--json lists all)")
+    fails = sum(f.fail for f in report.findings)
+    lines.append("ok" if report.ok else f"check failed: {fails} finding(s) marked FAIL above")
+    return lines
+
+
+# ---------------------------------------------------------------- show
+
+
+@dataclass
+class ShowReport:
+    """One example as the trainer sees it: rendered text split into trained / untrained spans."""
+
+    where: str
+    split: str
+    index: int
+    category: str | None
+    sources: list[str]
+    tokens: int
+    trained_tokens: int
+    fate: str  # kept | turns_dropped | truncated | dropped
+    spans: list[tuple[str, bool]]  # (text, trained)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def lines(self, open_mark: str = "⟦", close_mark: str = "⟧") -> list[str]:
+        head = (
+            f"{self.where} [{self.split} #{self.index}] category={self.category} "
+            f"tokens={self.tokens} trained={self.trained_tokens} ({self.fate}); "
+            f"trained text is between {open_mark} {close_mark}"
+        )
+        body = "".join(f"{open_mark}{t}{close_mark}" if on else t for t, on in self.spans)
+        return [head, *([f"sources: {', '.join(self.sources)}"] if self.sources else []), body]
+
+
+def _spans(tok: HarmonyTokenizer, ids: np.ndarray, mask: np.ndarray) -> list[tuple[str, bool]]:
+    # Decode runs of equal mask so that multi-byte characters split across tokens stay whole.
+    edges = [0, *(np.nonzero(np.diff(mask.astype(np.int8)))[0] + 1), len(ids)]
+    return [(tok.decode(ids[a:b].tolist()), bool(mask[a])) for a, b in pairwise(edges) if b > a]
+
+
+def show_example(
+    path: str | Path,
+    index: int,
+    split: str | None = None,
+    max_length: int = 2048,
+    tokenizer: Any = None,
+    mask_mode: str = "final",
+    options: RenderOptions = TRAINING_OPTIONS,
+) -> ShowReport:
+    """Render example `index` of `split` (default: train, else the first split) with its mask."""
+    data = load_dataset(path)
+    name = split or ("train" if "train" in data.splits else next(iter(data.splits)))
+    if name not in data.splits:
+        raise ReliefError(
+            f"{data.root} has no split {name!r}; pick one of {', '.join(data.splits)}"
+        )
+    records = data.splits[name]
+    if not 0 <= index < len(records):
+        raise ReliefError(
+            f"--index {index} is outside {name} (0..{len(records) - 1}); pick one in range"
+        )
+    record, tok = records[index], _resolve_tokenizer(tokenizer)
+    tokenized = tokenize([record], max_length, options, mask_mode, tok)
+    if tokenized.dropped:
+        return ShowReport(
+            record.where,
+            name,
+            index,
+            record.category,
+            list(record.sources),
+            tokenized.full_lengths[0],
+            0,
+            "dropped",
+            [],
+        )
+    e = tokenized.examples[0]
+    return ShowReport(
+        record.where,
+        name,
+        index,
+        record.category,
+        list(record.sources),
+        len(e.tokens),
+        int(e.mask[1:].sum()),
+        e.fate,
+        _spans(tok, e.tokens, e.mask),
+    )

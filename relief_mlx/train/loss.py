@@ -1,0 +1,126 @@
+"""The training loss: a forward pass to hidden states, then a memory-lean cross-entropy head.
+
+gpt-oss has 201,088 tokens: fp32 logits of one 512-token sequence take ~400 MB, their gradient
+as much again, and on the `mini` model the lm_head matmul is most of the compute. So the head
+runs only at trained positions (gathered on the host, `data.micro_batch`), `chunk` positions at
+a time, each chunk checkpointed: its (chunk, V) logits exist only while that chunk's loss or
+gradient is computed. The value and gradient equal plain cross-entropy (tests check both).
+
+Losses are sums over trained tokens, not means: the trainer divides the gradient of the whole
+accumulated batch by its trained-token count once (torchtune's normalization).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import create_attention_mask
+
+
+def _checkpointed(layer: nn.Module, x: mx.array, mask) -> mx.array:
+    """`layer(x, mask)` with activations recomputed in the backward pass (as mlx-lm's
+    `grad_checkpoint`, but for this call only, not for every instance of the class)."""
+
+    def run(params, x):
+        layer.update(params)
+        return layer(x, mask)
+
+    return mx.checkpoint(run)(layer.trainable_parameters(), x)
+
+
+def hidden_states(model: nn.Module, inputs: mx.array, checkpoint: bool = False) -> mx.array:
+    """Final-norm hidden states of mlx-lm's gpt-oss (`model.model(inputs)`), (B, T) -> (B, T, D).
+
+    Written out so each layer can be checkpointed; the masks are the model's own. Right padding
+    needs no padding mask: a causal mask never lets a real token see a later pad.
+    """
+    inner = model.model
+    x = inner.embed_tokens(inputs)
+    full = create_attention_mask(x, None)
+    sliding = create_attention_mask(x, None, window_size=inner.window_size)
+    for layer, kind in zip(inner.layers, inner.layer_types, strict=True):
+        mask = full if kind == "full_attention" else sliding
+        x = _checkpointed(layer, x, mask) if checkpoint else layer(x, mask)
+    return inner.norm(x)
+
+
+def _chunk_loss(head: nn.Module, h: mx.array, targets: mx.array, weights: mx.array) -> mx.array:
+    logits = head(h).astype(mx.float32)  # (C, V)
+    picked = mx.take_along_axis(logits, mx.stop_gradient(targets)[:, None], axis=-1)[:, 0]  # (C,)
+    return ((mx.logsumexp(logits, axis=-1) - picked) * weights).sum()
+
+
+def _fused_chunk(weight: mx.array):
+    """Loss of one chunk and its gradient with respect to h, computed together in the forward.
+
+    The loss is a sum, so its gradient is known before the backward pass: d/dh =
+    ((softmax - onehot) * w) @ W. Keeping only that (C, D) gradient means one pass of exp over
+    the (C, V) logits (the costly part on CPUs) instead of three for a checkpointed chunk
+    (forward, recompute, softmax in the backward), and no logits live past their chunk.
+    """
+
+    @mx.custom_function
+    def fused(h, targets, weights):
+        logits = (h @ weight.T).astype(mx.float32)  # (C, V)
+        top = mx.stop_gradient(logits.max(axis=-1, keepdims=True))  # (C, 1)
+        e = mx.exp(logits - top)  # (C, V)
+        total = e.sum(axis=-1, keepdims=True)  # (C, 1)
+        lse = (top + mx.log(total))[:, 0]  # (C,)
+        picked = mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]  # (C,)
+        loss = ((lse - picked) * weights).sum()
+        scale = (weights[:, None] / total).astype(weight.dtype)  # (C, 1)
+        grad_h = (e.astype(weight.dtype) * scale) @ weight - weights[:, None].astype(weight.dtype) * weight[targets]
+        return loss, grad_h.astype(h.dtype)  # (), (C, D)
+
+    @fused.vjp
+    def fused_vjp(primals, cotangents, outputs):
+        h, targets, weights = primals
+        return cotangents[0] * outputs[1], mx.zeros_like(targets), mx.zeros_like(weights)
+
+    return fused
+
+
+def chunked_cross_entropy(head: nn.Module, h: mx.array, targets: mx.array, weights: mx.array,
+                          chunk: int) -> mx.array:
+    """Sum over positions of weight * cross-entropy(head(h), target), `chunk` rows at a time.
+
+    h (K, D), targets (K,), weights (K,). Peak extra memory is a few (chunk, V) fp32 arrays.
+    A dense lm_head (what `relief convert` writes) takes the fused path; a quantized one is
+    checkpointed per chunk instead.
+    """
+    targets = mx.stop_gradient(targets)
+    if isinstance(head, nn.Linear) and "bias" not in head:
+        fused = _fused_chunk(head.weight)
+        one = lambda h, t, w: fused(h, t, w)[0]  # noqa: E731
+    else:
+        one = mx.checkpoint(lambda h, t, w: _chunk_loss(head, h, t, w))
+    total = mx.array(0.0, mx.float32)
+    for start in range(0, h.shape[0], chunk):
+        end = start + chunk
+        total = total + one(h[start:end], targets[start:end], weights[start:end])
+    return total
+
+
+def cross_entropy_value(head: nn.Module, h: mx.array, targets: mx.array, weights: mx.array,
+                        chunk: int) -> mx.array:
+    """`chunked_cross_entropy` without the gradient work, for validation."""
+    total = mx.array(0.0, mx.float32)
+    for start in range(0, h.shape[0], chunk):
+        end = start + chunk
+        total = total + _chunk_loss(head, h[start:end], targets[start:end], weights[start:end])
+    return total
+
+
+def loss_sum(model: nn.Module, inputs: mx.array, positions: mx.array, targets: mx.array,
+             weights: mx.array, chunk: int, checkpoint: bool) -> mx.array:
+    """Summed cross-entropy of the trained positions of one micro-batch (see `data.MicroBatch`)."""
+    h = hidden_states(model, inputs, checkpoint)  # (B, T, D)
+    h = h.reshape(-1, h.shape[-1])[positions]  # (K, D)
+    return chunked_cross_entropy(model.lm_head, h, targets, weights, chunk)
+
+
+def plain_loss_sum(model: nn.Module, inputs: mx.array, targets_full: mx.array, mask_full: mx.array,
+                   checkpoint: bool) -> mx.array:
+    """The same sum with every logit materialized, as mlx-lm computes it (`train.loss_chunk = 0`)."""
+    logits = model.lm_head(hidden_states(model, inputs, checkpoint))  # (B, T, V)
+    return (nn.losses.cross_entropy(logits.astype(mx.float32), targets_full) * mask_full).sum()
