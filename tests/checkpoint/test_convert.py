@@ -139,3 +139,10 @@ def test_interrupted_conversion_leaves_no_folder(mini_hf, tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         convert(mini_hf, tmp_path / "o")
     assert not (tmp_path / "o").exists() and not list(tmp_path.iterdir())
+
+
+def test_peak_memory_stays_near_one_shard(mini_hf, tmp_path):
+    shards = [p.stat().st_size for p in mini_hf.glob("*.safetensors")]
+    mx.reset_peak_memory()
+    convert(mini_hf, tmp_path / "o")
+    assert mx.get_peak_memory() < 1.1 * max(shards) < 0.6 * sum(shards)
