@@ -28,7 +28,7 @@ from .dataset import (
     load_dataset,
     tokenize,
 )
-from .harmony import HarmonyTokenizer, RenderOptions, default_tokenizer
+from .harmony import HarmonyTokenizer, RenderOptions, resolve_tokenizer
 
 # Two answers sharing half their character 5-grams (Jaccard >= 0.5) are one answer lightly
 # edited. Measured on the emergency_relief drafts (264 answers): distinct answers peak at 0.27
@@ -239,14 +239,6 @@ def _split_report(
     )
 
 
-def _resolve_tokenizer(tokenizer: Any) -> HarmonyTokenizer:
-    if tokenizer is None:
-        return default_tokenizer()
-    if isinstance(tokenizer, (str, Path)):
-        return HarmonyTokenizer.from_dir(tokenizer)
-    return HarmonyTokenizer.from_any(tokenizer)
-
-
 def check_dataset(
     path: str | Path,
     max_length: int = 2048,
@@ -261,7 +253,7 @@ def check_dataset(
     tokenizer object. Invalid lines raise ReliefError unless `skip_invalid`.
     """
     data: Dataset = load_dataset(path, skip_invalid)
-    tok = _resolve_tokenizer(tokenizer)
+    tok = resolve_tokenizer(tokenizer)
     splits, findings = [], []
     for name, records in data.splits.items():
         tokenized = tokenize(records, max_length, options, mask_mode, tok)
@@ -394,7 +386,7 @@ def show_example(
         raise ReliefError(
             f"--index {index} is outside {name} (0..{len(records) - 1}); pick one in range"
         )
-    record, tok = records[index], _resolve_tokenizer(tokenizer)
+    record, tok = records[index], resolve_tokenizer(tokenizer)
     tokenized = tokenize([record], max_length, options, mask_mode, tok)
     if tokenized.dropped:
         return ShowReport(

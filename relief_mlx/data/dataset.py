@@ -46,15 +46,16 @@ from .harmony import (
     HarmonyTokenizer,
     Rendered,
     RenderOptions,
-    default_tokenizer,
     message_problem,
     render_training_pieces,
+    resolve_tokenizer,
 )
 
 SPLITS = ("train", "valid", "test")
 FORMATS = ("chat", "completions", "text")
-# gpt-oss's release date: a fixed `Current date:` keeps training tokens reproducible.
-TRAINING_OPTIONS = RenderOptions(current_date="2025-08-05")
+# The recipe's DataSection defaults: gpt-oss's release date as a fixed `Current date:` keeps
+# training tokens reproducible.
+TRAINING_OPTIONS = RenderOptions(reasoning_effort="low", current_date="2025-08-05")
 _REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _FIX = "fix the line or pass --skip-invalid to skip bad lines"
 
@@ -291,7 +292,7 @@ def tokenize(
     """Render and mask every record, applying the length policy."""
     if max_length < 2:
         raise ReliefError(f"max_length {max_length} is too small; use at least a few hundred")
-    tok = default_tokenizer() if tokenizer is None else HarmonyTokenizer.from_any(tokenizer)
+    tok = resolve_tokenizer(tokenizer)
     out = Tokenized([], [], [])
     for record in records:
         full_length, fitted = _tokenize_one(record, tok, options, mask_mode, max_length)
@@ -302,6 +303,23 @@ def tokenize(
         ids, mask, fate = fitted
         out.examples.append(Example(np.asarray(ids, np.int32), mask, record, full_length, fate))
     return out
+
+
+def load_tokenized(
+    path: str | Path,
+    max_length: int,
+    options: RenderOptions = TRAINING_OPTIONS,
+    mask_mode: str = "final",
+    tokenizer: Any = None,
+    skip_invalid: bool = False,
+) -> dict[str, Tokenized]:
+    """`load_dataset` then `tokenize` every split: what a trainer needs from a recipe's data."""
+    data = load_dataset(path, skip_invalid)
+    tok = resolve_tokenizer(tokenizer)
+    return {
+        split: tokenize(records, max_length, options, mask_mode, tok)
+        for split, records in data.splits.items()
+    }
 
 
 # ---------------------------------------------------------------- batching

@@ -157,9 +157,15 @@ def default_tokenizer() -> HarmonyTokenizer:
     return HarmonyTokenizer.from_dir(cached_tokenizer_json().parent)
 
 
-def _tokenizer(tokenizer: Any) -> HarmonyTokenizer:
-    # Wrapping copies the backend (about a second): callers in loops pass a HarmonyTokenizer.
-    return default_tokenizer() if tokenizer is None else HarmonyTokenizer.from_any(tokenizer)
+def resolve_tokenizer(tokenizer: Any = None) -> HarmonyTokenizer:
+    """None: the default o200k_harmony; a str/Path: a folder holding tokenizer.json; else any
+    object `HarmonyTokenizer.from_any` takes. Wrapping an object copies its backend (about a
+    second), so callers in loops resolve once and pass the HarmonyTokenizer."""
+    if tokenizer is None:
+        return default_tokenizer()
+    if isinstance(tokenizer, (str, Path)):
+        return HarmonyTokenizer.from_dir(tokenizer)
+    return HarmonyTokenizer.from_any(tokenizer)
 
 
 # ---------------------------------------------------------------- messages
@@ -209,7 +215,7 @@ def _one_message_problem(m: Any, strict: bool) -> str | None:
 def _check(messages: Any, for_training: bool) -> None:
     problem = message_problem(messages, for_training)
     if problem:
-        raise ReliefError(f"bad conversation: {problem}")
+        raise ReliefError(f"bad conversation: {problem}; fix the messages passed in")
 
 
 # ---------------------------------------------------------------- rendering
@@ -310,7 +316,7 @@ def render_training_pieces(
 ) -> Rendered:
     """Render a conversation ending with an assistant message, as maskable pieces."""
     _check(messages, for_training=True)
-    tok = _tokenizer(tokenizer)
+    tok = resolve_tokenizer(tokenizer)
     return _render(tok, messages, options, for_training=True)
 
 
@@ -333,7 +339,7 @@ def render_prompt(messages: list[dict], options: RenderOptions, tokenizer: Any =
     """Prompt ids for generation: the conversation (earlier analysis dropped), then
     `<|start|>assistant`. Stop generating on `STOP_IDS`."""
     _check(messages, for_training=False)
-    tok = _tokenizer(tokenizer)
+    tok = resolve_tokenizer(tokenizer)
     ids = _render(tok, messages, options, for_training=False).ids()
     return [*ids, START, *tok.encode("assistant")]
 
@@ -355,7 +361,7 @@ class ParsedMessage:
 def parse_completion(tokens: Sequence[int], tokenizer: Any = None) -> list[ParsedMessage]:
     """Parse what the model generated after a `render_prompt` prompt (which ended in
     `<|start|>assistant`) into messages; a trailing unfinished message has complete=False."""
-    tok = _tokenizer(tokenizer)
+    tok = resolve_tokenizer(tokenizer)
     messages: list[ParsedMessage] = []
     header, body, in_body = tok.encode("assistant"), [], False  # the prompt opened message 1
     for t in tokens:
