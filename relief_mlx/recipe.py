@@ -77,7 +77,7 @@ class LoraSection:
     """Which layers get a low-rank update, and its size."""
 
     targets: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
-    """Module names inside each layer, fnmatch patterns: self_attn.q_proj, self_attn.*, mlp.experts.* (one LoRA per expert)."""
+    """Module names in each layer (fnmatch): self_attn.q_proj, self_attn.*, mlp.experts.* (a LoRA per expert)."""
     layers: int = -1
     """How many of the last layers get LoRA; -1 means every layer."""
     rank: int = 8
@@ -129,8 +129,8 @@ class TrainSection:
     """Compile the micro-step with mx.compile (one trace per padded shape)."""
     loss_chunk: int = 128
     """Trained positions per lm_head chunk in the loss; 0 computes all logits (plain cross-entropy)."""
-    pad_multiple: int = 32
-    """Pad each micro-batch to a multiple of this many tokens (fewer compiled shapes, a little waste)."""
+    pad_multiple: int = 1
+    """Pad micro-batches to a multiple of this many tokens; raise it (e.g. 32) with compile, to retrace less."""
     seed: int = 0
     """Seeds LoRA initialization, dropout and the data order."""
     max_bad_steps: int = 3

@@ -25,7 +25,7 @@ import mlx.core as mx
 from .. import hub
 from ..errors import ReliefError
 from ..io import atomic_dir, write_json
-from .mxfp4 import GROUP_SIZE, QUANTIZATION, quantize
+from .mxfp4 import GROUP_SIZE, QUANTIZATION
 from .presets import tensor_plan
 from .safetensors_header import read_header
 
@@ -46,7 +46,8 @@ def read_config(path: Path) -> dict:
     except json.JSONDecodeError as e:
         raise ReliefError(f"{file} is not valid JSON (line {e.lineno}); download it again") from e
     if config.get("model_type") != "gpt_oss":
-        raise ReliefError(f"{file} has model_type {config.get('model_type')!r}; relief-mlx converts only 'gpt_oss' checkpoints")
+        raise ReliefError(f"{file} has model_type {config.get('model_type')!r}; "
+                          "relief-mlx converts only 'gpt_oss' checkpoints")
     return normalize_rope(config)
 
 
@@ -97,7 +98,8 @@ def check_source(config: dict, shards: list[Path]) -> str:
     layout = "mxfp4" if any(n.endswith("_blocks") for n in found) else "bf16"
     for name, shape in expected_tensors(config, layout).items():
         if name not in found:
-            raise ReliefError(f"tensor {name} is missing from the checkpoint; the download is incomplete or the config does not match it")
+            raise ReliefError(f"tensor {name} is missing from the checkpoint; "
+                              "the download is incomplete or the config does not match it")
         if found[name][0] != shape:
             raise ReliefError(
                 f"tensor {name} in {found[name][1].name} has shape {found[name][0]}, but config.json implies {shape}; "
@@ -226,7 +228,8 @@ def convert(src: str | Path, out: str | Path, revision: str | None = None, exper
             if progress:
                 progress(done, total, shard.name)
         if pending:
-            raise ReliefError(f"tensors {sorted(pending)[:3]} have no matching blocks/scales/bias; the checkpoint is incomplete")
+            raise ReliefError(f"tensors {sorted(pending)[:3]} have no matching blocks/scales/bias; "
+                              "the checkpoint is incomplete")
         weight_map = {t: f for f, names in outputs.items() for t in names}
         write_json(tmp / "model.safetensors.index.json",
                    {"metadata": {"format": "mlx"}, "weight_map": dict(sorted(weight_map.items()))})
@@ -269,7 +272,8 @@ def verify(src: str | Path, out: str | Path, layers: int = 2, tokens: int = 160,
     shards = source_shards(path)
     layout = check_source(read_config(path), shards)
     source = {k: v for s in shards for k, v in mx.load(str(s)).items() if keep(k)}
-    reference = build_model(mlx_config(config, "float32"), map_tensors(source, layout, "float32", mx.float32), mx.float32)
+    dense = map_tensors(source, layout, "float32", mx.float32)
+    reference = build_model(mlx_config(config, "float32"), dense, mx.float32)
     converted = json.loads((Path(out) / "config.json").read_text()) | {
         "num_hidden_layers": config["num_hidden_layers"], "layer_types": config["layer_types"]}
     model = build_model(converted, {k: v for k, v in read_weights(Path(out)).items() if keep(k)}, mx.float32)

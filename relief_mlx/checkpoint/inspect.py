@@ -20,7 +20,8 @@ def model_config(model: str) -> tuple[dict, str]:
     if path.is_dir():
         file = path / "config.json"
         if not file.is_file():
-            raise ReliefError(f"{path} has no config.json; pass a checkpoint folder, a Hub id or a preset ({', '.join(PRESETS)})")
+            raise ReliefError(f"{path} has no config.json; pass a checkpoint folder, a Hub id "
+                              f"or a preset ({', '.join(PRESETS)})")
         return json.loads(file.read_text()), str(path)
     if not hub.is_hub_id(model):
         raise ReliefError(f"{model} is not a preset ({', '.join(PRESETS)}), a folder or a Hub id")
@@ -29,7 +30,8 @@ def model_config(model: str) -> tuple[dict, str]:
     try:
         return json.loads(Path(hf_hub_download(model, "config.json")).read_text()), model
     except Exception as e:  # offline, 404, auth: huggingface_hub has many error types
-        raise ReliefError(f"could not get config.json of {model} from the Hub ({type(e).__name__}); pass a folder or a preset") from e
+        raise ReliefError(f"could not get config.json of {model} from the Hub ({type(e).__name__}); "
+                          "pass a folder or a preset") from e
 
 
 def memory_table(counts: dict[str, int]) -> dict[str, int]:

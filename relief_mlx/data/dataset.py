@@ -185,8 +185,8 @@ def _resolve(path: str | Path) -> Path:
         folder = snapshot_download(str(path), repo_type="dataset", allow_patterns=["*.jsonl"])
     except Exception as e:  # network, auth and missing-repo errors all end the same way
         raise ReliefError(
-            f"could not fetch the Hub dataset {path} ({type(e).__name__}); check the id, "
-            "your network or HF_TOKEN, or pass a local folder"
+            f"{path} is no local path (from {Path.cwd()}) and could not be fetched as a Hub dataset "
+            f"({type(e).__name__}); run from the folder it is relative to, or check the id, network or HF_TOKEN"
         ) from e
     return Path(folder)
 

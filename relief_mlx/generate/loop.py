@@ -1,17 +1,16 @@
 """The generation loop: prefill the prompt in chunks, then decode one token at a time.
 
 `generate_tokens` is a generator of `Step`s (token id, log-probability, timings) and nothing
-else: detokenizing, stop rules and Harmony parsing wrap it (`answer.py`); a caller stops by
+else: detokenizing, stop rules and Harmony parsing wrap it (`engine.py`); a caller stops by
 no longer iterating. While the caller handles token n, token n+1 is already being computed
 (`mx.async_eval`), as in mlx-lm's `generate_step`.
 
 Caches are the model's own (`model.make_cache()`: mlx-lm's `KVCache` on full-attention layers,
 `RotatingKVCache(128)` on sliding-window layers; attention sinks live in the attention
-blocks). Two things differ from mlx-lm's loop, both to do less work:
-
-- prefill runs the whole prompt in chunks and applies `lm_head` to the last position only,
-  where mlx-lm holds the last prompt token back for one extra single-token forward pass;
-- the full-vocabulary log-softmax is computed only when log-probabilities are asked for.
+blocks). Prefill feeds all prompt tokens but the last in chunks and evaluates only the caches,
+so the last layer's attention output and experts never run for those positions (MLX computes
+what is asked for); the last prompt token then goes through like a decode step. The
+full-vocabulary log-softmax is computed only when log-probabilities are asked for.
 """
 
 from __future__ import annotations
@@ -56,14 +55,12 @@ class Step:
 
 
 def prefill(model: nn.Module, prompt: mx.array, cache: list[Any], chunk: int) -> mx.array:
-    """Feed `prompt` (L,) to the model in chunks, filling `cache`; return the logits (1, V)
-    that predict the token after the prompt."""
-    while prompt.size > chunk:
-        model.model(prompt[None, :chunk], cache=cache)
-        mx.eval([c.state for c in cache])  # bound the graph and free the chunk's activations
-        prompt = prompt[chunk:]
-    hidden = model.model(prompt[None], cache=cache)  # (1, L, H)
-    return model.lm_head(hidden[:, -1, :])  # (1, V)
+    """Feed `prompt` (L,) to the model, filling `cache`; return the logits (1, V) that predict
+    the token after the prompt."""
+    for start in range(0, prompt.size - 1, chunk):
+        model.model(prompt[None, start:min(start + chunk, prompt.size - 1)], cache=cache)
+        mx.eval([c.state for c in cache])  # only K/V: the last layer's output is never computed
+    return decode(model, prompt[-1:], cache)
 
 
 def decode(model: nn.Module, token: mx.array, cache: list[Any]) -> mx.array:

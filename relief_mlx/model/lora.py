@@ -31,13 +31,18 @@ def apply_adapter(model: nn.Module, adapter_dir: str | Path) -> dict:
     config = json.loads(config_file.read_text())
     if config.get("fine_tune_type", "lora") != "lora":
         raise ReliefError(f"{config_file}: fine_tune_type {config['fine_tune_type']!r} is not supported; only 'lora'")
+    lora = config.get("lora_parameters", {})
+    if "num_layers" not in config or not {"rank", "scale", "dropout"} <= set(lora):
+        raise ReliefError(f"{config_file} needs num_layers and lora_parameters.rank/scale/dropout "
+                          "(mlx-lm's adapter format); write it with `relief train` or `mlx_lm.lora`")
     model.freeze()
-    linear_to_lora_layers(model, config["num_layers"], config["lora_parameters"])
+    linear_to_lora_layers(model, config["num_layers"], lora)
     params = dict(tree_flatten(model.parameters()))
     weights = mx.load(str(weights_file))
     for name, value in weights.items():
         if name not in params:
-            raise ReliefError(f"{weights_file}: tensor {name} has no place in this model; the adapter was trained for another model")
+            raise ReliefError(f"{weights_file}: tensor {name} has no place in this model; "
+                              "the adapter was trained for another model")
         if params[name].shape != value.shape:
             raise ReliefError(
                 f"{weights_file}: tensor {name} has shape {value.shape}, the model expects {params[name].shape}; "

@@ -61,15 +61,17 @@ def _fused_chunk(weight: mx.array):
 
     @mx.custom_function
     def fused(h, targets, weights):
-        logits = (h @ weight.T).astype(mx.float32)  # (C, V)
-        top = mx.stop_gradient(logits.max(axis=-1, keepdims=True))  # (C, 1)
-        e = mx.exp(logits - top)  # (C, V)
+        logits = h @ weight.T  # (C, V)
+        if logits.dtype != mx.float32:
+            logits = logits.astype(mx.float32)
+        top = logits.max(axis=-1, keepdims=True)  # (C, 1)
+        e = mx.exp(logits - top)  # (C, V): the one pass of exp
         total = e.sum(axis=-1, keepdims=True)  # (C, 1)
         lse = (top + mx.log(total))[:, 0]  # (C,)
         picked = mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]  # (C,)
         loss = ((lse - picked) * weights).sum()
-        scale = (weights[:, None] / total).astype(weight.dtype)  # (C, 1)
-        grad_h = (e.astype(weight.dtype) * scale) @ weight - weights[:, None].astype(weight.dtype) * weight[targets]
+        # softmax @ W with the row scale applied after the matmul, on (C, D) instead of (C, V)
+        grad_h = (e.astype(weight.dtype) @ weight) * (weights[:, None] / total) - weights[:, None] * weight[targets]
         return loss, grad_h.astype(h.dtype)  # (), (C, D)
 
     @fused.vjp
@@ -89,15 +91,21 @@ def chunked_cross_entropy(head: nn.Module, h: mx.array, targets: mx.array, weigh
     checkpointed per chunk instead.
     """
     targets = mx.stop_gradient(targets)
-    if isinstance(head, nn.Linear) and "bias" not in head:
-        fused = _fused_chunk(head.weight)
-        one = lambda h, t, w: fused(h, t, w)[0]  # noqa: E731
-    else:
-        one = mx.checkpoint(lambda h, t, w: _chunk_loss(head, h, t, w))
-    total = mx.array(0.0, mx.float32)
+    fused = _fused_chunk(head.weight) if isinstance(head, nn.Linear) and "bias" not in head else None
+    slow = mx.checkpoint(lambda h, t, w: _chunk_loss(head, h, t, w))
+    total, previous = mx.array(0.0, mx.float32), []
     for start in range(0, h.shape[0], chunk):
         end = start + chunk
-        total = total + one(h[start:end], targets[start:end], weights[start:end])
+        # Without this ordering MLX may run every chunk's forward side by side and keep all
+        # their logits alive (824 MB instead of 412 MB for 512 positions in chunks of 64).
+        h_chunk = mx.depends(h[start:end], previous) if previous else h[start:end]
+        if fused is not None:
+            loss, grad = fused(h_chunk, targets[start:end], weights[start:end])
+            previous = [loss, grad]
+        else:
+            loss = slow(h_chunk, targets[start:end], weights[start:end])
+            previous = [loss]
+        total = total + loss
     return total
 
 

@@ -56,9 +56,10 @@ def trainable_parameters(config: dict, recipe: Recipe | LoraSection) -> int:
     """LoRA parameters a recipe adds to the model of `config`: r * (in + out) per module and expert."""
     lora = recipe.lora if isinstance(recipe, Recipe) else recipe
     shapes = module_shapes(config)
-    layers = config["num_hidden_layers"] if lora.layers == -1 else min(lora.layers, config["num_hidden_layers"])
-    per_layer = sum(e * lora.rank * (i + o) for e, i, o in (shapes[k] for k in resolve_targets(lora.targets, list(shapes))))
-    return layers * per_layer
+    n = config["num_hidden_layers"]
+    layers = n if lora.layers == -1 else min(lora.layers, n)
+    keys = resolve_targets(lora.targets, list(shapes))
+    return layers * sum(e * lora.rank * (i + o) for e, i, o in (shapes[k] for k in keys))
 
 
 def adapter_config(lora: LoraSection, keys: list[str], num_layers: int) -> dict:
@@ -81,7 +82,8 @@ def apply_lora(model: nn.Module, lora: LoraSection) -> dict:
     keys = resolve_targets(lora.targets, sorted(names))
     num_layers = len(model.layers) if lora.layers == -1 else lora.layers
     if num_layers > len(model.layers):
-        raise ReliefError(f"lora.layers = {lora.layers} but the model has {len(model.layers)} layers; lower it or use -1")
+        raise ReliefError(f"lora.layers = {lora.layers} but the model has {len(model.layers)} layers; "
+                          "lower it or use -1")
     config = adapter_config(lora, keys, num_layers)
     model.freeze()
     linear_to_lora_layers(model, num_layers, config["lora_parameters"])
@@ -90,3 +92,12 @@ def apply_lora(model: nn.Module, lora: LoraSection) -> dict:
 
 def count_trainable(model: nn.Module) -> int:
     return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+
+
+def lora_summary(config: dict, recipe: Recipe) -> dict:
+    """Trainable LoRA parameters of `recipe` on the model of `config`, against the model's total."""
+    from ..checkpoint.presets import count_parameters
+
+    trainable = trainable_parameters(config, recipe)
+    total = count_parameters(config)["total"] + trainable
+    return {"trainable": trainable, "total": total, "percent": 100 * trainable / total}

@@ -35,7 +35,6 @@ def test_same_input_gives_byte_identical_shards(mini_hf, mini_mlx, tmp_path):
 
 def test_mlx_lm_loads_the_converted_folder_as_it_is(mini_mlx):
     import mlx_lm
-
     from mlx.utils import tree_map
 
     model, tokenizer = mlx_lm.load(str(mini_mlx))

@@ -6,6 +6,7 @@ import pytest
 
 from relief_mlx.checkpoint import mxfp4
 
+
 # E2M1 from the OCP MX spec: sign, 2 exponent bits (bias 1), 1 mantissa bit; 0b000x is subnormal.
 def _e2m1(nibble: int) -> float:
     sign = -1.0 if nibble & 0b1000 else 1.0

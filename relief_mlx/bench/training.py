@@ -1,0 +1,160 @@
+"""LoRA training speed: tokens per optimizer step per second and peak memory, for our trainer's
+step and mlx-lm's on the same LoRA-wrapped model.
+
+Ours is the trainer's own micro-step (`train.trainer._micro_step`: the masked, chunked loss of
+`train.loss`, compiled as a run compiles it) on a micro-batch built by `train.data.micro_batch`,
+then what `train()` does with its gradients: normalize by trained tokens, clip, AdamW update.
+mlx-lm's is `mlx_lm.tuner.trainer`'s `default_loss` inside the compiled step its `train()`
+defines (rebuilt here: it is a closure there), with the same optimizer settings.
+
+Every position of every sequence is trained in both (the worst case for the loss head).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+from ..recipe import LoraSection, TrainSection, load_recipe
+from .generation import Event, random_prompt
+from .stats import summarize
+
+# The seed replica's LoRA: rank 8, alpha 16 on q_proj and v_proj of every layer, batch 1, 512 tokens.
+SEED_REPLICA_LORA = LoraSection(targets=("self_attn.q_proj", "self_attn.v_proj"), rank=8, alpha=16.0)
+SEED_REPLICA_SEQ = 512
+
+
+@dataclass(frozen=True)
+class TrainShape:
+    """What one training step processes."""
+
+    lora: LoraSection
+    train: TrainSection
+    """batch_size, loss_chunk, compile, grad_checkpoint, pad_multiple and the optimizer are read."""
+    seq: int
+    """Tokens per sequence."""
+    source: str
+    """Where the shape came from: the seed replica's defaults or a recipe file."""
+
+    @property
+    def tokens(self) -> int:
+        return self.train.batch_size * self.seq
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "targets": list(self.lora.targets), "rank": self.lora.rank,
+                "alpha": self.lora.alpha, "layers": self.lora.layers, "batch_size": self.train.batch_size,
+                "seq": self.seq, "loss_chunk": self.train.loss_chunk, "compile": self.train.compile,
+                "grad_checkpoint": self.train.grad_checkpoint}
+
+
+def train_shape(recipe: str | None = None, seq: int | None = None) -> TrainShape:
+    """The recipe's [lora] and [train] with data.max_length tokens per sequence (or `seq`);
+    without a recipe, the seed replica's LoRA shape."""
+    if recipe is None:
+        return TrainShape(SEED_REPLICA_LORA, TrainSection(), seq or SEED_REPLICA_SEQ, "seed replica (built in)")
+    r = load_recipe(recipe)
+    return TrainShape(r.lora, r.train, seq or r.data.max_length, recipe)
+
+
+def _sequences(shape: TrainShape, seed: int) -> np.ndarray:
+    """(B, seq) random ordinary token ids."""
+    return np.stack([np.array(random_prompt(shape.seq, seed + b)) for b in range(shape.train.batch_size)])
+
+
+def relief_step(model: nn.Module, shape: TrainShape, seed: int = 0) -> Callable[[], None]:
+    """One optimizer step of `relief train` on a fixed micro-batch."""
+    from ..data.dataset import Example
+    from ..train.data import micro_batch
+    from ..train.trainer import _micro_step
+
+    tc = shape.train
+    tokens = _sequences(shape, seed)
+    examples = [Example(t.astype(np.int32), np.ones(len(t), bool), None, len(t), "kept") for t in tokens]
+    mb = micro_batch(examples, list(range(len(examples))), shape.seq, tc.pad_multiple)
+    arrays = [mx.array(a) for a in (mb.inputs, mb.positions, mb.targets, mb.weights, mb.targets_full, mb.mask_full)]
+    optimizer = optim.AdamW(learning_rate=tc.learning_rate, betas=list(tc.betas), eps=tc.eps,
+                            weight_decay=tc.weight_decay, bias_correction=True)
+    optimizer.init(model.trainable_parameters())
+    micro_step = _micro_step(model, tc)
+
+    def step() -> None:
+        grads = tree_map(mx.zeros_like, model.trainable_parameters())
+        loss, grads = micro_step(grads, *arrays)
+        mx.eval(loss, grads)
+        grads = tree_map(lambda g: g / mb.trained, grads)
+        norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads))).item()
+        if tc.max_grad_norm and math.isfinite(norm) and norm > tc.max_grad_norm:
+            grads = tree_map(lambda g: g * (tc.max_grad_norm / (norm + 1e-6)), grads)
+        optimizer.update(model, grads)
+        mx.eval(model.trainable_parameters(), optimizer.state)
+
+    return step
+
+
+def mlx_lm_step(model: nn.Module, shape: TrainShape, seed: int = 0) -> Callable[[], None]:
+    """One optimizer step of mlx-lm's LoRA trainer (`mlx_lm.tuner.trainer.train`) on a fixed batch."""
+    from mlx_lm.tuner.trainer import default_loss
+
+    tc = shape.train
+    batch = mx.array(_sequences(shape, seed))  # (B, seq)
+    lengths = mx.array([[0, shape.seq]] * shape.train.batch_size)  # (offset, length): all trained
+    optimizer = optim.AdamW(learning_rate=tc.learning_rate, betas=list(tc.betas), eps=tc.eps,
+                            weight_decay=tc.weight_decay, bias_correction=True)
+    loss_value_and_grad = nn.value_and_grad(model, default_loss)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def compiled(batch, lengths):
+        (loss, tokens), grad = loss_value_and_grad(model, batch, lengths)
+        optimizer.update(model, grad)
+        return loss, tokens
+
+    def step() -> None:
+        loss, tokens = compiled(batch, lengths)
+        mx.eval(state, loss, tokens)
+
+    return step
+
+
+STEPS: dict[str, Callable[[nn.Module, TrainShape, int], Callable[[], None]]] = {
+    "relief": relief_step, "mlx-lm": mlx_lm_step}
+
+
+def bench_training(model: nn.Module, runners: Sequence[str], shape: TrainShape, trials: int, seed: int = 0,
+                   on_event: Event | None = None) -> dict[str, dict]:
+    """{runner: {"tokens_per_s", "step_s", "peak_memory_bytes"}} for the LoRA step of `shape`.
+
+    The model must already carry the LoRA layers (`train.targets.apply_lora`). Each runner takes
+    one untimed step first (compilation); then the runners alternate for `trials` timed steps.
+    Their trainable weights move, which does not change the work of a step.
+    """
+    say = on_event or (lambda message: None)
+    model.train()
+    steps = {}
+    for name in runners:
+        say(f"training: {name} LoRA step, compiling")
+        steps[name] = STEPS[name](model, shape, seed)
+        steps[name]()
+    say(f"training: LoRA step, {shape.tokens} tokens x {trials} trials")
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    peaks = dict.fromkeys(runners, 0)
+    for _ in range(trials):
+        for name in runners:
+            mx.synchronize()
+            mx.reset_peak_memory()
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - start)
+            peaks[name] = max(peaks[name], mx.get_peak_memory())
+    model.eval()
+    return {name: {"tokens_per_s": summarize([shape.tokens / t for t in times[name]]),
+                   "step_s": summarize(times[name]), "peak_memory_bytes": peaks[name]} for name in runners}

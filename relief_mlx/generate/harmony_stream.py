@@ -1,0 +1,155 @@
+"""A streaming Harmony parser: token ids in, channel-tagged text out, as tokens arrive.
+
+The prompt ends with `<|start|>assistant`, so the stream begins inside a message header:
+
+    <|channel|>analysis<|message|>...<|end|><|start|>assistant<|channel|>final<|message|>...<|return|>
+
+Header tokens are collected until `<|message|>`, so a channel name split over several
+tokens ("comment" + "ary") is read whole. Body text is detokenized incrementally (a token
+that ends inside a UTF-8 character waits for the next one). `<|end|>` closes a message,
+`<|return|>` and `<|call|>` close it and end the answer; `<|start|>` inside a body closes it
+as incomplete. Anything between messages that is not `<|start|>` is ignored. The parser never
+stops generation itself: `done` tells the caller that a stop token arrived.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from ..data.harmony import CALL, CONSTRAIN, END, MESSAGE, RETURN, START, ParsedMessage
+
+FIRST_SPECIAL = 199_998  # ids from here on are Harmony control tokens, never text
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New text of one message."""
+
+    channel: str | None
+    """analysis, commentary, final, or None when the header named no channel."""
+    text: str
+    recipient: str | None = None
+
+
+@dataclass
+class _Message:
+    header: list[int] = field(default_factory=list)
+    body: list[int] = field(default_factory=list)
+    role: str = "assistant"
+    channel: str | None = None
+    recipient: str | None = None
+    text: str = ""
+    prefix: int = 0  # incremental detokenizing: body[prefix:read] is already emitted text
+    read: int = 0
+
+
+class HarmonyStream:
+    """Feed generated token ids one by one; read `Delta`s back and `messages` at any time."""
+
+    def __init__(self, decode: Callable[[Sequence[int]], str], role: str = "assistant"):
+        """`decode` turns token ids into text (special tokens included); `role` is the role the
+        prompt already opened (`<|start|>assistant`)."""
+        self._decode = decode
+        self._done: list[ParsedMessage] = []
+        self._current: _Message | None = _Message()
+        self._prefix_role: str | None = role  # the first header's role is in the prompt
+        self._in_body = False
+        self.stop_token: int | None = None
+
+    @property
+    def done(self) -> bool:
+        """True once `<|return|>` or `<|call|>` arrived."""
+        return self.stop_token is not None
+
+    def feed(self, token: int) -> Delta | None:
+        """Take one token; return the text it added to a message body, if any."""
+        if self.done:
+            return None
+        if token in (END, RETURN, CALL, START):
+            delta = self._close(complete=token != START) if self._in_body else None
+            self._current = _Message() if token == START else None
+            self._prefix_role = None  # a new header spells out its role
+            if token in (RETURN, CALL):
+                self.stop_token = token
+            return delta
+        current = self._current
+        if current is None:
+            return None  # between messages, only <|start|> matters
+        if not self._in_body:
+            if token == MESSAGE:
+                self._open_body(current)
+            else:
+                current.header.append(token)
+            return None
+        if token >= FIRST_SPECIAL:
+            return None  # a stray control token is not text
+        current.body.append(token)
+        return self._next_text(current)
+
+    def finish(self) -> Delta | None:
+        """End of the stream: flush held-back text; an open message stays incomplete."""
+        if self._current is not None and self._in_body:
+            return self._flush(self._current)
+        return None
+
+    @property
+    def messages(self) -> list[ParsedMessage]:
+        """Every message so far; one still open has complete=False."""
+        out = list(self._done)
+        current = self._current
+        if current is not None and self._in_body:
+            out.append(ParsedMessage(current.role, current.channel, current.text,
+                                     current.recipient, complete=False))
+        return out
+
+    def text(self, channel: str) -> str:
+        """All text of `channel` so far, messages joined by blank lines."""
+        return "\n\n".join(m.content for m in self.messages if m.channel == channel and m.content)
+
+    # ------------------------------------------------------------ internals
+
+    def _open_body(self, m: _Message) -> None:
+        head, _, chan = self._decode([t for t in m.header if t != CONSTRAIN]).partition("<|channel|>")
+        head = f"{self._prefix_role or ''}{head}"
+        words = f"{head} {chan}".split()
+        m.role = head.split()[0] if head.split() else "assistant"
+        m.channel = chan.split()[0] if chan.split() else None
+        m.recipient = next((w[3:] for w in words if w.startswith("to=")), None)
+        self._in_body = True
+
+    def _next_text(self, m: _Message) -> Delta | None:
+        before = self._decode(m.body[m.prefix:m.read])
+        after = self._decode(m.body[m.prefix:])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return None  # mid-character: wait for the rest of it
+        m.prefix, m.read = m.read, len(m.body)
+        return self._emit(m, after[len(before):])
+
+    def _flush(self, m: _Message) -> Delta | None:
+        before = self._decode(m.body[m.prefix:m.read])
+        after = self._decode(m.body[m.prefix:])
+        m.prefix = m.read = len(m.body)
+        return self._emit(m, after[len(before):]) if len(after) > len(before) else None
+
+    def _emit(self, m: _Message, text: str) -> Delta:
+        m.text += text
+        return Delta(m.channel, text, m.recipient)
+
+    def _close(self, complete: bool) -> Delta | None:
+        m = self._current
+        delta = self._flush(m)
+        self._done.append(ParsedMessage(m.role, m.channel, m.text, m.recipient, complete))
+        self._in_body = False
+        return delta
+
+
+def parse_tokens(tokens: Sequence[int], decode: Callable[[Sequence[int]], str]) -> HarmonyStream:
+    """Parse a whole token list (e.g. a finished generation) and return the parser."""
+    stream = HarmonyStream(decode)
+    for t in tokens:
+        stream.feed(t)
+        if stream.done:
+            break
+    stream.finish()
+    return stream

@@ -1,0 +1,99 @@
+"""Bytes per decoded token, the memory estimate and the refusal, and the preset built in memory."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten
+
+from relief_mlx.bench import memory, source
+from relief_mlx.checkpoint.convert import mlx_config
+from relief_mlx.checkpoint.presets import hf_config
+from relief_mlx.errors import ReliefError
+
+MINI = mlx_config(hf_config("mini"), "mxfp4")  # 4 layers S F S F, h = i = 128, 8 experts top-4, 4 q / 2 kv heads of 64
+
+
+def test_decode_bytes_by_hand():
+    parts = memory.decode_bytes(MINI, dtype_bytes=4, mxfp4=True, context=10)
+    assert parts["embedding_row"] == 128 * 4
+    # q 128x256+256, k and v 128x128+128, o 256x128+128, 4 sinks = 98,948 per layer
+    assert parts["attention"] == 4 * 98_948 * 4
+    assert parts["norms"] == (2 * 4 + 1) * 128 * 4
+    assert parts["router"] == 4 * (128 * 8 + 8) * 4
+    # per expert: 3 x 128 x 128 weights at 4.25 bits = 26,112 B, biases 2 x 128 + 128 floats = 1,536 B;
+    # 4 experts per token in each of 4 layers
+    assert parts["experts"] == 16 * (26_112 + 1_536)
+    assert parts["lm_head"] == 201_088 * 128 * 4
+    # keys + values of 2 heads x 64 in float32 = 1,024 B per token, 10 tokens on each of 4 layers
+    assert parts["kv_cache"] == 4 * 10 * 1_024
+    assert parts["total"] == 512 + 1_583_168 + 4_608 + 16_512 + 442_368 + 102_957_056 + 40_960
+
+
+def test_sliding_layers_read_at_most_the_window():
+    assert memory.kv_tokens(MINI, 200) == [128, 200, 128, 200]
+    assert memory.decode_bytes(MINI, 4, True, 200)["kv_cache"] == (128 + 200 + 128 + 200) * 1_024
+
+
+def test_mean_decode_bytes_averages_the_growing_cache():
+    # 126-token prompt, 4 decode steps attend over 127, 128, 129 and 130 tokens
+    mean = memory.mean_decode_bytes(MINI, 4, True, prompt=126, generated=4)
+    full = (127 + 128 + 129 + 130) / 4  # full-attention layers; sliding ones stop at 128
+    sliding = (127 + 128 + 128 + 128) / 4
+    assert mean["kv_cache"] == pytest.approx(2 * (full + sliding) * 1_024)
+
+
+def test_bf16_dense_experts_count_two_bytes_per_value():
+    parts = memory.decode_bytes(MINI, dtype_bytes=2, mxfp4=False, context=1)
+    assert parts["experts"] == 16 * (3 * 128 * 128 + 384) * 2
+
+
+def test_every_expert_read_equals_the_built_model():
+    """With top-k = all experts and the whole embedding, the bytes read are every weight the
+    model holds: the arithmetic matches what MLX allocates for the preset."""
+    model = source.build(source.describe(None, "mini"), mx.float32)
+    held = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    parts = memory.decode_bytes(MINI | {"num_experts_per_tok": 8}, 4, True, context=0)
+    assert held == parts["total"] - parts["embedding_row"] + 201_088 * 128 * 4
+
+
+def test_folder_and_preset_build_the_same_model(mini_mlx):
+    folder = source.describe(str(mini_mlx), None)
+    assert folder.mxfp4 and folder.folder == str(mini_mlx)
+    from_folder = dict(tree_flatten(source.build(folder, mx.float32).parameters()))
+    synthesized = dict(tree_flatten(source.build(source.describe(None, "mini"), mx.float32).parameters()))
+    assert {k: (v.shape, v.dtype) for k, v in from_folder.items()} == \
+           {k: (v.shape, v.dtype) for k, v in synthesized.items()}
+
+
+def test_random_mxfp4_experts_are_finite_with_the_intended_spread():
+    model = source.build(source.describe(None, "mini"), mx.float32, seed=1)
+    experts = model.model.layers[0].mlp.experts.gate_proj
+    dense = mx.dequantize(experts.weight, experts.scales, group_size=32, bits=4, mode="mxfp4")
+    std = dense.std().item()
+    assert mx.isfinite(dense).all().item()
+    assert 0.5 / 128**0.5 < std < 2 / 128**0.5
+
+
+def test_refusal_names_need_and_availability(monkeypatch):
+    needed = memory.needed_bytes(MINI, 4, True, memory.Workload(context=100, prefill_chunk=512, train_tokens=0))
+    assert needed["weights"] == memory.weight_bytes(MINI, 4, True)
+    with pytest.raises(ReliefError) as e:
+        memory.check_fits("preset mini", needed, (needed["total"] - 1, "available RAM"))
+    message = str(e.value)
+    assert "\n" not in message
+    assert f"{needed['total'] / 2**30:.1f} GiB" in message and "available RAM" in message
+    memory.check_fits("preset mini", needed, (needed["total"], "available RAM"))  # exactly enough is fine
+    memory.check_fits("preset mini", needed, (None, "unknown"))  # unknown: no refusal
+
+
+def test_gpt_oss_20b_needs_its_published_size_at_least():
+    config = mlx_config(hf_config("gpt-oss-20b"), "mxfp4")
+    needed = memory.needed_bytes(config, 2, True, memory.Workload(2049, 512, 512))
+    assert 12.5 * 2**30 < needed["weights"] < 13 * 2**30  # `relief inspect`: MXFP4 experts + bf16 rest, 12.8 GiB
+    assert needed["total"] > needed["weights"] + needed["kv_cache"]
+
+
+def test_a_hugging_face_folder_is_refused_before_anything_runs(mini_hf):
+    with pytest.raises(ReliefError, match="relief convert"):
+        source.describe(str(mini_hf), None)

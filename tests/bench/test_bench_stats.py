@@ -1,0 +1,20 @@
+"""Medians, spreads, trial-by-trial ratios and the agreement of two runs."""
+
+from __future__ import annotations
+
+from relief_mlx.bench.stats import overlaps, paired_ratio, summarize
+
+
+def test_summarize_keeps_every_trial():
+    assert summarize([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "trials": [3.0, 1.0, 2.0]}
+
+
+def test_paired_ratio_cancels_a_load_both_runners_saw():
+    # trial 2 ran on a busy machine: both halve, their ratio does not move
+    ours, theirs = summarize([100.0, 50.0, 100.0]), summarize([80.0, 40.0, 80.0])
+    assert paired_ratio(ours, theirs) == summarize([1.25, 1.25, 1.25])
+
+
+def test_overlaps_is_range_overlap():
+    assert overlaps(summarize([1.0, 2.0]), summarize([2.0, 3.0]))
+    assert not overlaps(summarize([1.0, 1.5]), summarize([2.0, 3.0]))

@@ -1,0 +1,118 @@
+"""Answers: Harmony parsing, stop rules, context limits and adapters around the token loop."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from gen_helpers import harmony_ids
+
+from relief_mlx.data.harmony import (
+    CALL,
+    CHANNEL,
+    END,
+    MESSAGE,
+    RETURN,
+    START,
+    RenderOptions,
+    render_prompt,
+)
+from relief_mlx.errors import ReliefError
+from relief_mlx.generate.engine import GenerateConfig, adapter_folder, answer, complete
+
+USER = [{"role": "user", "content": "How long should I boil water?"}]
+
+
+def script(tok, final="Boil it for one minute.", closer=RETURN):
+    return harmony_ids(tok, CHANNEL, "analysis", MESSAGE, "Need the CDC rule.", END,
+                       START, "assistant", CHANNEL, "final", MESSAGE, final, closer, START, "more")
+
+
+def test_answer_keeps_the_final_channel_and_stops_on_return(scripted_engine, harmony_tokenizer):
+    engine = scripted_engine(script(harmony_tokenizer))
+    seen = []
+    reply = answer(engine, USER, GenerateConfig(max_tokens=200), on_delta=seen.append)
+    assert reply.final == "Boil it for one minute."
+    assert reply.analysis == "Need the CDC rule."
+    assert reply.finish_reason == "stop" and reply.tokens[-1] == RETURN
+    assert "".join(d.text for d in seen if d.channel == "final") == reply.final
+    assert engine.model.calls == len(reply.tokens) + 1  # exactly one token computed ahead
+    prompt = render_prompt(USER, RenderOptions(reasoning_effort="medium"), harmony_tokenizer)
+    assert engine.model.fed[0][:len(prompt)] == prompt
+    # every token went back in, the stop token too: token n+1 is computed while n is read
+    assert engine.model.fed[0][len(prompt):] == reply.tokens
+
+
+def test_end_closes_a_message_but_not_the_answer(scripted_engine, harmony_tokenizer):
+    engine = scripted_engine(script(harmony_tokenizer))
+    reply = answer(engine, USER, GenerateConfig())
+    assert END in reply.tokens and reply.tokens.index(END) < len(reply.tokens) - 1
+
+
+def test_call_stops_with_finish_reason_call(scripted_engine, harmony_tokenizer):
+    reply = answer(scripted_engine(script(harmony_tokenizer, closer=CALL)), USER, GenerateConfig())
+    assert reply.finish_reason == "call" and reply.tokens[-1] == CALL
+
+
+def test_max_tokens_cuts_the_answer_mid_message(scripted_engine, harmony_tokenizer):
+    reply = answer(scripted_engine(script(harmony_tokenizer)), USER, GenerateConfig(max_tokens=3))
+    assert reply.finish_reason == "length" and len(reply.tokens) == 3
+    assert reply.final == "" and not reply.messages[-1].complete
+
+
+def test_the_context_limits_the_answer_and_rejects_long_prompts(scripted_engine, harmony_tokenizer):
+    n = len(render_prompt(USER, RenderOptions(reasoning_effort="medium"), harmony_tokenizer))
+    reply = answer(scripted_engine(script(harmony_tokenizer), context_length=n + 2), USER, GenerateConfig())
+    assert reply.finish_reason == "context" and len(reply.tokens) == 2
+    with pytest.raises(ReliefError, match=f"the prompt is {n} tokens, the model's context is {n}"):
+        answer(scripted_engine([], context_length=n), USER, GenerateConfig())
+
+
+def test_reasoning_effort_reaches_the_system_message(scripted_engine, harmony_tokenizer):
+    engine = scripted_engine(script(harmony_tokenizer))
+    answer(engine, USER, GenerateConfig(reasoning="high"))
+    assert "Reasoning: high" in harmony_tokenizer.decode(engine.model.fed[0])
+
+
+def test_logprobs_are_kept_on_request(scripted_engine, harmony_tokenizer):
+    reply = complete(scripted_engine(script(harmony_tokenizer)), [1, 2, 3], GenerateConfig(logprobs=True))
+    assert len(reply.logprobs) == len(reply.tokens)
+    assert all(lp > -1e-3 for lp in reply.logprobs)  # one-hot logits of 30: p ~ 1
+
+
+@pytest.mark.parametrize("kwargs", [{"max_tokens": 0}, {"reasoning": "extreme"}, {"prefill_chunk": 0}])
+def test_bad_settings_are_relief_errors(kwargs):
+    with pytest.raises(ReliefError):
+        GenerateConfig(**kwargs)
+
+
+def make_adapter_files(folder, config=True):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapters.safetensors").write_bytes(b"")
+    if config:
+        (folder / "adapter_config.json").write_text(json.dumps({"num_layers": 1}))
+    return folder
+
+
+def test_adapter_folder_accepts_runs_best_checkpoints_and_weight_files(tmp_path):
+    run = make_adapter_files(tmp_path / "run")
+    best = make_adapter_files(run / "best")
+    last = make_adapter_files(run / "checkpoint", config=False)
+    (run / "0000100_adapters.safetensors").write_bytes(b"")
+    assert adapter_folder(run, tmp_path) == run
+    assert adapter_folder(best, tmp_path) == best
+    (tmp_path / "s1").mkdir()
+    scratch = adapter_folder(last, tmp_path / "s1")  # weights only: the run's config joins them
+    assert (scratch / "adapter_config.json").resolve() == (run / "adapter_config.json").resolve()
+    assert (scratch / "adapters.safetensors").resolve() == (last / "adapters.safetensors").resolve()
+    (tmp_path / "s2").mkdir()
+    scratch = adapter_folder(run / "0000100_adapters.safetensors", tmp_path / "s2")
+    assert (scratch / "adapters.safetensors").resolve() == (run / "0000100_adapters.safetensors").resolve()
+
+
+def test_adapter_folder_errors_name_the_way_out(tmp_path):
+    with pytest.raises(ReliefError, match="does not exist"):
+        adapter_folder(tmp_path / "nope", tmp_path)
+    make_adapter_files(tmp_path / "runs" / "a" / "best")
+    with pytest.raises(ReliefError, match="try .*best"):
+        adapter_folder(tmp_path / "runs" / "a", tmp_path)

@@ -1,0 +1,130 @@
+"""The masked, chunked loss head equals plain cross-entropy in value and gradient."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from relief_mlx.train.loss import (
+    chunked_cross_entropy,
+    cross_entropy_value,
+    hidden_states,
+    loss_sum,
+    plain_loss_sum,
+)
+
+V, D = 5003, 64  # an odd vocabulary: chunks never divide anything evenly
+
+
+@pytest.fixture
+def head():
+    mx.random.seed(0)
+    layer = nn.Linear(D, V, bias=False)
+    mx.eval(layer.parameters())
+    return layer
+
+
+def plain(head, h, targets, weights):
+    return (nn.losses.cross_entropy(head(h), targets) * weights).sum()
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 32, 1000])
+def test_chunked_equals_plain_in_value_and_gradient(head, chunk):
+    k = 45
+    h = mx.random.normal((k, D)) * 3
+    targets = mx.random.randint(0, V, (k,))
+    weights = (mx.random.uniform(shape=(k,)) > 0.3).astype(mx.float32)  # zero weight = padding
+    value, grad = mx.value_and_grad(lambda h: plain(head, h, targets, weights))(h)
+    c_value, c_grad = mx.value_and_grad(lambda h: chunked_cross_entropy(head, h, targets, weights, chunk))(h)
+    assert c_value.item() == pytest.approx(value.item(), rel=1e-6)
+    np.testing.assert_allclose(np.array(c_grad), np.array(grad), atol=2e-6)
+    assert cross_entropy_value(head, h, targets, weights, chunk).item() == pytest.approx(value.item(), rel=1e-6)
+
+
+def test_quantized_head_takes_the_checkpointed_path_and_agrees(head):
+    """A quantized lm_head (mlx-community checkpoints) cannot use the fused gradient."""
+    qhead = nn.QuantizedLinear.from_linear(head, group_size=64, bits=8)
+    h = mx.random.normal((20, D))
+    targets = mx.random.randint(0, V, (20,))
+    weights = mx.ones((20,))
+    value, grad = mx.value_and_grad(lambda h: plain(qhead, h, targets, weights))(h)
+    c_value, c_grad = mx.value_and_grad(lambda h: chunked_cross_entropy(qhead, h, targets, weights, 8))(h)
+    assert c_value.item() == pytest.approx(value.item(), rel=1e-5)
+    np.testing.assert_allclose(np.array(c_grad), np.array(grad), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def lora_mini(mini_mlx_f32):
+    from train_helpers import build
+
+    from relief_mlx.recipe import LoraSection
+    from relief_mlx.train.targets import apply_lora
+
+    model = build(mini_mlx_f32)
+    mx.random.seed(1)
+    apply_lora(model, LoraSection(targets=("self_attn.q_proj", "self_attn.v_proj"), rank=4))
+    # non-zero B so that gradients reach both LoRA matrices
+    for layer in model.layers:
+        layer.self_attn.q_proj.lora_b = mx.random.normal(layer.self_attn.q_proj.lora_b.shape) * 0.1
+    mx.eval(model.parameters())
+    return model
+
+
+def test_hidden_states_match_the_model_with_and_without_checkpointing(lora_mini):
+    x = mx.array(np.random.default_rng(0).integers(0, 200_000, (2, 150)))  # > sliding window 128
+    reference = lora_mini.model(x)
+    np.testing.assert_array_equal(np.array(hidden_states(lora_mini, x)), np.array(reference))
+    np.testing.assert_allclose(np.array(hidden_states(lora_mini, x, checkpoint=True)), np.array(reference), atol=1e-6)
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_masked_model_loss_and_lora_gradients_equal_the_plain_loss(lora_mini, checkpoint):
+    rng = np.random.default_rng(1)
+    inputs = rng.integers(0, 200_000, (2, 40)).astype(np.int32)  # (B, T)
+    targets_full = rng.integers(0, 200_000, (2, 40)).astype(np.int32)
+    mask = rng.random((2, 40)) > 0.5
+    rows, cols = np.nonzero(mask)
+    positions = mx.array((rows * 40 + cols).astype(np.int32))
+    targets = mx.array(targets_full[rows, cols])
+    weights = mx.ones((len(rows),))
+
+    plain_fn = nn.value_and_grad(lora_mini, lambda m: plain_loss_sum(
+        m, mx.array(inputs), mx.array(targets_full), mx.array(mask.astype(np.float32)), checkpoint))
+    masked_fn = nn.value_and_grad(lora_mini, lambda m: loss_sum(
+        m, mx.array(inputs), positions, targets, weights, 16, checkpoint))
+    value, grads = plain_fn(lora_mini)
+    m_value, m_grads = masked_fn(lora_mini)
+    assert m_value.item() == pytest.approx(value.item(), rel=1e-5)
+    flat, m_flat = dict(_flatten(grads)), dict(_flatten(m_grads))
+    assert set(flat) == set(m_flat) and any(np.abs(np.array(v)).max() > 0 for v in flat.values())
+    for name, g in flat.items():  # float32 sums over 201,088 logits in another order: relative 1e-5
+        g = np.array(g)
+        np.testing.assert_allclose(np.array(m_flat[name]), g, rtol=1e-4, atol=1e-5 * np.abs(g).max(), err_msg=name)
+
+
+def _flatten(tree):
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(tree)
+
+
+def test_chunked_head_peak_memory_stays_flat_while_plain_grows(head):
+    """Regression: without mx.depends ordering every chunk's logits stayed alive at once."""
+    big = nn.Linear(D, 100_000, bias=False)
+    mx.eval(big.parameters())
+
+    def peak(fn, k):
+        h = mx.random.normal((k, D))
+        targets, weights = mx.random.randint(0, 100_000, (k,)), mx.ones((k,))
+        mx.eval(h, targets, weights)
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        mx.eval(mx.value_and_grad(lambda h: fn(big, h, targets, weights))(h))
+        return mx.get_peak_memory() - base
+
+    chunked = lambda head, h, t, w: chunked_cross_entropy(head, h, t, w, 32)  # noqa: E731
+    one_chunk = 32 * 100_000 * 4
+    assert peak(chunked, 512) < 12 * one_chunk  # 16 chunks, never all alive together
+    assert peak(plain, 512) > 16 * one_chunk  # the plain head holds all 512 rows of logits
