@@ -9,9 +9,17 @@ import pytest
 
 from relief_mlx.blas import ensure_fast_blas
 
-# The same re-exec every `relief` command does: on Linux's CPU backend, run the suite with
-# OpenBLAS preloaded when it is installed (matmuls ~30x faster). It must happen before mlx loads.
-ensure_fast_blas()
+
+def pytest_configure(config):
+    """Run the suite with OpenBLAS preloaded on Linux's CPU backend (matmuls ~30x faster), by the
+    same re-exec every `relief` command does; before any test module imports mlx. pytest's output
+    capture is suspended first, so the re-executed run writes to the real terminal."""
+    capture = config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:
+        capture.suspend_global_capture(in_=True)
+    ensure_fast_blas()  # returns only when no re-exec is needed
+    if capture is not None:
+        capture.resume_global_capture()
 
 
 # --- checkpoints (lead) -------------------------------------------------------------------
