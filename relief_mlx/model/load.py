@@ -41,7 +41,8 @@ def build_model(config: dict, weights: dict[str, mx.array], dtype: mx.Dtype | No
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
-        raise ReliefError(f"the weights do not fit config.json ({e}); convert the checkpoint again") from e
+        detail = " ".join(str(e).split())  # MLX's message spans lines; ours is one
+        raise ReliefError(f"the weights do not fit config.json ({detail}); convert the checkpoint again") from e
     dtype = dtype or default_dtype()
     model.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
                           model.parameters()))
