@@ -389,26 +389,8 @@ def show_example(
     record, tok = records[index], resolve_tokenizer(tokenizer)
     tokenized = tokenize([record], max_length, options, mask_mode, tok)
     if tokenized.dropped:
-        return ShowReport(
-            record.where,
-            name,
-            index,
-            record.category,
-            list(record.sources),
-            tokenized.full_lengths[0],
-            0,
-            "dropped",
-            [],
-        )
-    e = tokenized.examples[0]
-    return ShowReport(
-        record.where,
-        name,
-        index,
-        record.category,
-        list(record.sources),
-        len(e.tokens),
-        int(e.mask[1:].sum()),
-        e.fate,
-        _spans(tok, e.tokens, e.mask),
-    )
+        length, trained, fate, spans = tokenized.full_lengths[0], 0, "dropped", []
+    else:
+        e = tokenized.examples[0]
+        length, trained, fate, spans = len(e.tokens), int(e.mask[1:].sum()), e.fate, _spans(tok, e.tokens, e.mask)
+    return ShowReport(record.where, name, index, record.category, list(record.sources), length, trained, fate, spans)
