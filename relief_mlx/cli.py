@@ -419,6 +419,9 @@ def _lengths(ctx: click.Context, param: click.Parameter, value: str) -> tuple[in
 @click.option("--model", help="Converted checkpoint folder or Hub id.")
 @click.option("--preset", help="Instead of --model: random weights at a preset's shapes, in memory "
                                "(mini, gpt-oss-20b-2l, gpt-oss-20b-6l, gpt-oss-20b).")
+@click.option("--experts", type=click.Choice(["mxfp4", "dense"]),
+              help="A preset's experts: mxfp4 (as published) or dense (dequantized to the model's dtype) "
+                   "[default: mxfp4].")
 @click.option("--prompt-lengths", default="128,512,2048", show_default=True, callback=_lengths,
               help="Prompt lengths whose prefill is timed; decode follows the shortest.")
 @click.option("--gen-lengths", default="128,512", show_default=True, callback=_lengths,
@@ -437,18 +440,20 @@ def _lengths(ctx: click.Context, param: click.Parameter, value: str) -> tuple[in
 @click.option("--out", type=click.Path(dir_okay=False),
               help="Write the results as JSON here, the chart beside it (.png).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Chart path [default: --out with .png].")
-def bench(model: str | None, preset: str | None, prompt_lengths: tuple[int, ...], gen_lengths: tuple[int, ...],
-          trials: int, prefill_chunk: int, recipe: str | None, train_seq: int | None, no_training: bool,
-          compare: tuple[str, ...], seed: int, bandwidth_mib: int, out: str | None, plot_path: str | None) -> None:
+def bench(model: str | None, preset: str | None, experts: str | None, prompt_lengths: tuple[int, ...],
+          gen_lengths: tuple[int, ...], trials: int, prefill_chunk: int, recipe: str | None, train_seq: int | None,
+          no_training: bool, compare: tuple[str, ...], seed: int, bandwidth_mib: int, out: str | None,
+          plot_path: str | None) -> None:
     """Tokens/s and memory of generation and LoRA training, against the machine's bandwidth."""
     from pathlib import Path
 
     from .bench import BenchConfig, run_bench
     from .bench.report import format_table, plot, write
 
-    config = BenchConfig(model=model, preset=preset, prompt_lengths=prompt_lengths, gen_lengths=gen_lengths,
-                         trials=trials, prefill_chunk=prefill_chunk, training=not no_training, recipe=recipe,
-                         train_seq=train_seq, compare=compare, seed=seed, bandwidth_mib=bandwidth_mib)
+    config = BenchConfig(model=model, preset=preset, experts=experts, prompt_lengths=prompt_lengths,
+                         gen_lengths=gen_lengths, trials=trials, prefill_chunk=prefill_chunk,
+                         training=not no_training, recipe=recipe, train_seq=train_seq, compare=compare, seed=seed,
+                         bandwidth_mib=bandwidth_mib)
     result = run_bench(config, on_event=lambda message: click.echo(f"bench: {message}", err=True))
     click.echo(format_table(result))
     if out:

@@ -37,6 +37,8 @@ class BenchConfig:
     """Converted checkpoint folder or Hub id (exactly one of model and preset)."""
     preset: str | None = None
     """Preset whose shapes get random weights in memory (experts MXFP4): mini, gpt-oss-20b-2l, -6l, gpt-oss-20b."""
+    experts: str | None = None
+    """A preset's experts: mxfp4 (default, as published) or dense (dequantized to the model's dtype)."""
     prompt_lengths: tuple[int, ...] = (128, 512, 2048)
     """Prompt lengths whose prefill is timed; decode follows the shortest."""
     gen_lengths: tuple[int, ...] = (128, 512)
@@ -78,7 +80,7 @@ def run_bench(config: BenchConfig, on_event: Event | None = None) -> dict:
     """Measure generation (and LoRA training) speed and memory of one model; see module doc."""
     say = on_event or (lambda message: None)
     runners = ("relief", *config.compare)
-    src = source.describe(config.model, config.preset)
+    src = source.describe(config.model, config.preset, config.experts)
     dtype = default_dtype()
     dtype_bytes = dtype.size
     shape = train_shape(config.recipe, config.train_seq) if config.training else None

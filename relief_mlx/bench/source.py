@@ -46,13 +46,20 @@ class Source:
 
 
 
-def describe(model: str | None, preset: str | None) -> Source:
-    """The source named by exactly one of `model` (folder or Hub id) and `preset`."""
+def describe(model: str | None, preset: str | None, experts: str | None = None) -> Source:
+    """The source named by exactly one of `model` (folder or Hub id) and `preset`; a preset's
+    experts are MXFP4 (as published) or, with `experts="dense"`, dequantized to the model's dtype."""
     if (model is None) == (preset is None):
         raise ReliefError("pass exactly one of --model (a converted folder) and --preset "
                           f"({', '.join(PRESETS)})")
+    if experts not in (None, "mxfp4", "dense"):
+        raise ReliefError(f"--experts {experts} is not valid; choose mxfp4 or dense")
     if preset is not None:
-        return Source(f"preset {preset} (synthesized)", mlx_config(hf_config(preset), "mxfp4"), preset=preset)
+        config = mlx_config(hf_config(preset), experts or "mxfp4")
+        return Source(f"preset {preset} (synthesized)", config, preset=preset)
+    if experts is not None:
+        raise ReliefError("--experts applies to --preset; a converted folder's experts are what "
+                          "`relief convert --experts` wrote")
     path = Path(model).expanduser()
     if path.is_dir():
         file = path / "config.json"
@@ -73,7 +80,8 @@ def build(source: Source, dtype: mx.Dtype, seed: int = 0, progress: Progress | N
         path, _ = hub.resolve(source.folder)
         model = build_model(source.config, read_weights(path), dtype)
     else:
-        model = build_model(source.config, synth_weights(source.preset, dtype, seed, progress), dtype)
+        weights = synth_weights(source.preset, dtype, seed, progress, dense=not source.mxfp4)
+        model = build_model(source.config, weights, dtype)
     mx.eval(model.parameters())
     return model
 
@@ -113,16 +121,18 @@ def _mxfp4_scale(fan_in: int) -> int:
     return 127 + round(math.log2(fan_in**-0.5 / 2.93))
 
 
-def synth_weights(preset: str, dtype: mx.Dtype, seed: int = 0, progress: Progress | None = None) -> dict[str, mx.array]:
-    """MLX weights of a preset (random, MXFP4 experts), one tensor evaluated at a time, mapped to
-    MLX's names and layout by the converter's own `map_tensors`."""
+def synth_weights(preset: str, dtype: mx.Dtype, seed: int = 0, progress: Progress | None = None,
+                  dense: bool = False) -> dict[str, mx.array]:
+    """MLX weights of a preset (random, MXFP4 experts, dequantized to `dtype` when `dense`), one
+    tensor evaluated at a time, mapped to MLX's names and layout by the converter's own `map_tensors`."""
     config = hf_config(preset)
+    experts = {mx.bfloat16: "bfloat16", mx.float32: "float32"}[dtype] if dense else "mxfp4"
     total = len(tensor_plan(config))
     weights: dict[str, mx.array] = {}
     pending: dict[str, mx.array] = {}
     for done, (name, tensor) in enumerate(random_tensors(config, dtype, seed), start=1):
         pending[name] = tensor
-        mapped = map_tensors(pending, "mxfp4", "mxfp4", dtype)  # an expert waits for its bias
+        mapped = map_tensors(pending, "mxfp4", experts, dtype)  # an expert waits for its bias
         mx.eval(mapped)
         weights |= mapped
         if progress:

@@ -97,3 +97,23 @@ def test_gpt_oss_20b_needs_its_published_size_at_least():
 def test_a_hugging_face_folder_is_refused_before_anything_runs(mini_hf):
     with pytest.raises(ReliefError, match="relief convert"):
         source.describe(str(mini_hf), None)
+
+
+def test_dense_preset_experts_are_the_mxfp4_ones_dequantized():
+    """`--experts dense` times the same weights as the default, only stored dense."""
+    packed = source.build(source.describe(None, "mini"), mx.float32, seed=2)
+    dense_src = source.describe(None, "mini", "dense")
+    assert not dense_src.mxfp4
+    dense = source.build(dense_src, mx.float32, seed=2)
+    q = packed.model.layers[1].mlp.experts.down_proj
+    expected = mx.dequantize(q.weight, q.scales, group_size=32, bits=4, mode="mxfp4")
+    got = dense.model.layers[1].mlp.experts.down_proj.weight
+    assert got.dtype == mx.float32 and mx.array_equal(got, expected).item()
+    assert mx.array_equal(dense.model.layers[1].mlp.experts.down_proj.bias, q.bias).item()
+
+
+def test_experts_option_is_for_presets_only(mini_mlx):
+    with pytest.raises(ReliefError, match="--experts applies to --preset"):
+        source.describe(str(mini_mlx), None, "dense")
+    with pytest.raises(ReliefError, match="choose mxfp4 or dense"):
+        source.describe(None, "mini", "int8")
