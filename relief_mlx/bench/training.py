@@ -1,7 +1,7 @@
 """LoRA training speed: tokens per optimizer step per second and peak memory, for our trainer's
 step and mlx-lm's on the same LoRA-wrapped model.
 
-Ours is the trainer's own micro-step (`train.trainer._micro_step`: the masked, chunked loss of
+Ours is the trainer's own micro-step (`train.trainer.make_micro_step`: the masked, chunked loss of
 `train.loss`, compiled as a run compiles it) on a micro-batch built by `train.data.micro_batch`,
 then what `train()` does with its gradients: normalize by trained tokens, clip, AdamW update.
 mlx-lm's is `mlx_lm.tuner.trainer`'s `default_loss` inside the compiled step its `train()`
@@ -12,7 +12,6 @@ Every position of every sequence is trained in both (the worst case for the loss
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_map
 
 from ..recipe import LoraSection, TrainSection, load_recipe
 from .generation import Event, random_prompt
@@ -74,7 +73,7 @@ def relief_step(model: nn.Module, shape: TrainShape, seed: int = 0) -> Callable[
     """One optimizer step of `relief train` on a fixed micro-batch."""
     from ..data.dataset import Example
     from ..train.data import micro_batch
-    from ..train.trainer import _micro_step
+    from ..train.trainer import grad_norm, make_micro_step, update
 
     tc = shape.train
     tokens = _sequences(shape, seed)
@@ -84,18 +83,14 @@ def relief_step(model: nn.Module, shape: TrainShape, seed: int = 0) -> Callable[
     optimizer = optim.AdamW(learning_rate=tc.learning_rate, betas=list(tc.betas), eps=tc.eps,
                             weight_decay=tc.weight_decay, bias_correction=True)
     optimizer.init(model.trainable_parameters())
-    micro_step = _micro_step(model, tc)
+    micro_step = make_micro_step(model, tc)
 
     def step() -> None:
         grads = tree_map(mx.zeros_like, model.trainable_parameters())
         loss, grads = micro_step(grads, *arrays)
         mx.eval(loss, grads)
         grads = tree_map(lambda g: g / mb.trained, grads)
-        norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads))).item()
-        if tc.max_grad_norm and math.isfinite(norm) and norm > tc.max_grad_norm:
-            grads = tree_map(lambda g: g * (tc.max_grad_norm / (norm + 1e-6)), grads)
-        optimizer.update(model, grads)
-        mx.eval(model.trainable_parameters(), optimizer.state)
+        update(model, optimizer, grads, grad_norm(grads), tc.max_grad_norm)
 
     return step
 

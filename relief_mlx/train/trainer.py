@@ -97,7 +97,7 @@ def train(recipe: Recipe, resume: str | Path | None = None, on_event: Event | No
     elif rank == 0:
         write_text(run / state.RECIPE, to_toml(recipe))
         write_json(run / ADAPTER_CONFIG, adapter_config)
-    micro_step = _micro_step(model, tc)
+    micro_step = make_micro_step(model, tc)
     emit("start", {"run": str(run), "steps": total_steps, "start_step": progress.step,
                    "trainable": count_trainable(model), "world": world, "data": splits.counts})
     mx.reset_peak_memory()
@@ -131,8 +131,7 @@ def train(recipe: Recipe, resume: str | Path | None = None, on_event: Event | No
             grads, totals = distributed.sum_tree((grads, mx.array(counts)), group)
             loss_total, trained, tokens, stopping = totals.tolist()
             grads = tree_map(lambda g, n=trained: g / n, grads)
-            norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
-            step_loss, norm = loss_total / trained, norm.item()
+            step_loss, norm = loss_total / trained, grad_norm(grads)
             lr = schedule(optimizer.step).item()  # what this update uses
 
             # a NaN/inf loss or gradient never reaches the weights
@@ -148,11 +147,7 @@ def train(recipe: Recipe, resume: str | Path | None = None, on_event: Event | No
                     )
             else:
                 progress.bad_steps = 0
-                if tc.max_grad_norm and norm > tc.max_grad_norm:
-                    clip = tc.max_grad_norm / (norm + 1e-6)  # torch.nn.utils.clip_grad_norm_'s factor
-                    grads = tree_map(lambda g, c=clip: g * c, grads)
-                optimizer.update(model, grads)
-                mx.eval(model.trainable_parameters(), optimizer.state)
+                update(model, optimizer, grads, norm, tc.max_grad_norm)
 
             # bookkeeping and metrics (rank 0 writes)
             progress.step += 1
@@ -228,8 +223,9 @@ def _load_model(path: str, dtype: mx.Dtype | None) -> tuple[Path, nn.Module, Har
     return model_dir, model, HarmonyTokenizer.from_dir(model_dir)
 
 
-def _micro_step(model: nn.Module, tc) -> Callable:
-    """(accumulated grads, batch arrays) -> (summed loss, grads + this batch's grads)."""
+def make_micro_step(model: nn.Module, tc) -> Callable:
+    """(accumulated grads, batch arrays) -> (summed loss, grads + this batch's grads), compiled
+    when `tc.compile`; the batch arrays are `train.data.micro_batch`'s, in `MicroBatch` order."""
 
     def loss_fn(model, inputs, positions, targets, weights, targets_full, mask_full):
         if tc.loss_chunk:
@@ -355,3 +351,17 @@ def resume_recipe(run: str | Path, recipe_file: str | Path | None = None, overri
         raise ReliefError(f"{run} has no {state.RECIPE}; pass the run folder `relief train` wrote")
     recipe = load_recipe(recipe_file or saved, overrides)
     return replace(recipe, output=replace(recipe.output, dir=str(run)))
+
+
+def grad_norm(grads) -> float:
+    """The global L2 norm of a gradient tree, accumulated in float32."""
+    return mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads))).item()
+
+
+def update(model: nn.Module, optimizer, grads, norm: float, max_grad_norm: float) -> None:
+    """Clip `grads` (of global norm `norm`) to `max_grad_norm` as torch's clip_grad_norm_ does,
+    apply one optimizer update and evaluate it."""
+    if max_grad_norm and norm > max_grad_norm:
+        grads = tree_map(lambda g, c=max_grad_norm / (norm + 1e-6): g * c, grads)
+    optimizer.update(model, grads)
+    mx.eval(model.trainable_parameters(), optimizer.state)

@@ -48,7 +48,7 @@ def test_every_recipe_field_reaches_the_code_that_uses_it(make_recipe, monkeypat
     reads = _Reads()
     spied = dataclasses.replace(base, **{name: reads.spy(name, getattr(base, name)) for name in SECTIONS})
 
-    real = trainer_module._micro_step
+    real = trainer_module.make_micro_step
 
     def micro_step(model, tc):  # one NaN micro-step, so the NaN path reads its setting too
         step, calls = real(model, tc), []
@@ -60,7 +60,7 @@ def test_every_recipe_field_reaches_the_code_that_uses_it(make_recipe, monkeypat
 
         return poisoned
 
-    monkeypatch.setattr(trainer_module, "_micro_step", micro_step)
+    monkeypatch.setattr(trainer_module, "make_micro_step", micro_step)
     trainer_module.train(spied)
     every = {f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
     assert every - reads.seen == set()

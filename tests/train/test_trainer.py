@@ -139,7 +139,7 @@ def _flat(tree):
 def test_nan_steps_are_skipped_and_repeated_ones_stop_with_the_checkpoint_intact(make_recipe, monkeypatch):
     from mlx.utils import tree_map
 
-    real = trainer_module._micro_step
+    real = trainer_module.make_micro_step
     poisoned_grads, poisoned_losses = {3}, set()  # micro-step 3 = step 2 (accumulation 2)
 
     def micro_step(model, tc):
@@ -157,7 +157,7 @@ def test_nan_steps_are_skipped_and_repeated_ones_stop_with_the_checkpoint_intact
         return poisoned
 
     calls: list[int] = []
-    monkeypatch.setattr(trainer_module, "_micro_step", micro_step)
+    monkeypatch.setattr(trainer_module, "make_micro_step", micro_step)
     result = train(make_recipe("train.iterations=3", name="one-nan"))
     assert result.summary["skipped_steps"] == 1
     metrics = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
