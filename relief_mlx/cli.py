@@ -278,7 +278,7 @@ def _after_answer(reply, show_reasoning: bool) -> None:
 @click.option("--prompts", "prompts_file", type=click.Path(), help="JSONL of prompts ({\"prompt\"} or {\"messages\"}).")
 @click.option("--out", type=click.Path(), help="JSONL answers for --prompts, written atomically.")
 @click.option("--logprobs", is_flag=True, help="Keep per-token log-probabilities (printed, or in --out).")
-@click.option("--raw", is_flag=True, help="Print the generated tokens as text, Harmony tokens included.")
+@click.option("--raw", is_flag=True, help="Stream the generated tokens as text, Harmony tokens included.")
 def generate(prompt, prompts_file, out, logprobs, raw, **o) -> None:
     """Answer a prompt (or a JSONL file of prompts) with a model and optional LoRA adapter."""
     from .generate import Engine
@@ -303,10 +303,11 @@ def generate(prompt, prompts_file, out, logprobs, raw, **o) -> None:
             raise ReliefError(f"{len(result.failed)} line(s) of {prompts_file} got no answer, first line {line}: "
                               f"{reason}; fix them and run again")
         return
-    reply = answer(engine, messages, config, on_delta=None if raw else _DeltaPrinter(o["show_reasoning"]))
     if raw:
-        click.echo(engine.harmony.decode(reply.tokens))
+        reply = answer(engine, messages, config, on_text=lambda text: click.echo(text, nl=False))
+        click.echo()
     else:
+        reply = answer(engine, messages, config, on_delta=_DeltaPrinter(o["show_reasoning"]))
         _after_answer(reply, o["show_reasoning"])
     if logprobs:
         for token, lp in zip(reply.tokens, reply.logprobs, strict=True):

@@ -4,7 +4,22 @@
 messages, config)` renders the conversation, runs `generate_tokens`, stops on `<|return|>` or
 `<|call|>`, feeds every token to a `HarmonyStream` and returns an `Answer` (final text,
 reasoning, timings, optional routing report). Text reaches the caller through `on_delta` as it
-is parsed; this module prints nothing.
+is parsed, and (Harmony tokens included) through `on_text` as it is decoded; this module prints
+nothing.
+
+Prompt caching. A chat's prompt for turn k+1 starts with the prompt of turn k: the history
+only grows, and the answer enters it as `<|channel|>final<|message|>...<|end|>` right after
+the `assistant` that ended turn k's prompt. So `complete` feeds the prompt (but its last
+token) into fresh caches in chunks, keeps a `PromptCache` snapshot of them, then generates,
+and the next prompt that starts with the snapshot's tokens restores it and prefills only the
+tokens after them. Any other prompt (a new system message after /reasoning, a new date, a
+reset conversation) starts from empty caches: nothing but an exact prefix is ever reused. A
+snapshot, not `trim`, because the sliding-window layers' 128-token `RotatingKVCache` has
+overwritten what trimming would need once a conversation is longer than the window. The
+snapshot holds each cache's `state` (K/V buffers, offset and, for the rotating cache, its
+write index) through new array handles: the caches write K/V in place (`keys[..., i:j, :] =
+x`), which rebinds the handle it is called on, while MLX copies a buffer on write when another
+array still holds it, so the snapshot never sees what is generated after it.
 """
 
 from __future__ import annotations
@@ -12,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,10 +89,14 @@ class Answer:
     finish_reason: str
     """stop (<|return|>), call (<|call|>), length (max_tokens) or context (context full)."""
     prompt_tokens: int
+    """The whole prompt, reused tokens included."""
     prefill_tps: float
+    """Prompt tokens run through the model (reused ones not) per second, first sample included."""
     decode_tps: float
     peak_memory_gb: float
     routing: RoutingReport | None = None
+    reused_tokens: int = 0
+    """Leading prompt tokens restored from a `PromptCache` instead of prefilled."""
 
     @property
     def generated_tokens(self) -> int:
@@ -88,6 +108,8 @@ class Answer:
                "prefill_tps": round(self.prefill_tps, 2), "decode_tps": round(self.decode_tps, 2)}
         if self.commentary:
             out["commentary"] = self.commentary
+        if self.reused_tokens:
+            out["reused_tokens"] = self.reused_tokens
         if self.logprobs is not None:
             out["tokens"], out["logprobs"] = self.tokens, [round(x, 5) for x in self.logprobs]
         if self.routing is not None:
@@ -156,41 +178,124 @@ def adapter_folder(path: str | Path, scratch: Path) -> Path:
     return scratch
 
 
+@dataclass
+class PromptCache:
+    """A snapshot of a model's caches holding `tokens`, for the next prompt that begins with them."""
+
+    tokens: list[int] = field(default_factory=list)
+    states: list[tuple] | None = None
+    """Each layer cache's `state`, through array handles of its own; None until `keep`."""
+
+    def restore(self, model: Any, prompt: Sequence[int]) -> tuple[list[Any], int]:
+        """Fresh caches of `model`, and how many leading tokens of `prompt` they hold already:
+        all of the snapshot's when they are a prefix of `prompt`, else none."""
+        cache = model.make_cache()
+        if self.states is None or list(prompt[:len(self.tokens)]) != self.tokens:
+            return cache, 0
+        for layer, state in zip(cache, self.states, strict=True):
+            layer.state = _own(state)
+        return cache, len(self.tokens)
+
+    def keep(self, cache: list[Any], tokens: Sequence[int]) -> None:
+        """Take a snapshot of `cache`, which holds `tokens`."""
+        self.tokens, self.states = list(tokens), [_own(layer.state) for layer in cache]
+
+    def clear(self) -> None:
+        self.tokens, self.states = [], None
+
+
+def _own(state: tuple) -> tuple:
+    """`state` with new handles on the same arrays (`x[:]` shares the buffer, copies nothing)."""
+    return tuple(x[:] if isinstance(x, mx.array) else x for x in state)
+
+
+def feed(model: Any, tokens: Sequence[int], cache: list[Any], chunk: int) -> None:
+    """Run `tokens` through `model` into `cache`, `chunk` at a time, computing only the K/V."""
+    for start in range(0, len(tokens), chunk):
+        model.model(mx.array(tokens[start:start + chunk], dtype=mx.int32)[None], cache=cache)
+        mx.eval([layer.state for layer in cache])
+
+
+class TextStream:
+    """Token ids in, their text out (Harmony tokens as text) as soon as it is whole: a token that
+    ends inside a UTF-8 character waits for the next one."""
+
+    def __init__(self, decode: Callable[[Sequence[int]], str]):
+        self._decode = decode
+        self._ids: list[int] = []
+        self._done = 0  # self._ids[:self._done] is emitted text
+
+    def feed(self, token: int) -> str:
+        self._ids.append(token)
+        text = self._decode(self._ids[self._done:])
+        if text.endswith("\ufffd") and len(self._ids) - self._done < 4:  # a character spans 4 tokens at most
+            return ""
+        self._done = len(self._ids)
+        return text
+
+    def finish(self) -> str:
+        """What is held back at the end (a cut-off character decodes as U+FFFD)."""
+        text = self._decode(self._ids[self._done:])
+        self._done = len(self._ids)
+        return text
+
+
 def answer(engine: Engine, messages: list[dict], config: GenerateConfig,
-           on_delta: Callable[[Delta], None] | None = None) -> Answer:
+           on_delta: Callable[[Delta], None] | None = None, on_text: Callable[[str], None] | None = None,
+           prompt_cache: PromptCache | None = None) -> Answer:
     """Answer a conversation (a list of {"role", "content"} dicts ending with the user)."""
-    return complete(engine, engine.render(messages, config.reasoning), config, on_delta)
+    return complete(engine, engine.render(messages, config.reasoning), config, on_delta, on_text, prompt_cache)
 
 
 def complete(engine: Engine, prompt: Sequence[int], config: GenerateConfig,
-             on_delta: Callable[[Delta], None] | None = None) -> Answer:
-    """Generate after rendered prompt ids (ending with `<|start|>assistant`) until a stop token."""
-    room = engine.context_length - len(prompt)
+             on_delta: Callable[[Delta], None] | None = None, on_text: Callable[[str], None] | None = None,
+             prompt_cache: PromptCache | None = None) -> Answer:
+    """Generate after rendered prompt ids (ending with `<|start|>assistant`) until a stop token.
+
+    `on_delta` gets parsed message text, `on_text` all generated text as it is decoded. With
+    `prompt_cache`, start from its snapshot when the prompt begins with its tokens, and leave
+    this prompt's snapshot in it.
+    """
+    prompt = list(prompt)
+    room = engine.context_length - len(prompt)  # the whole prompt: reused tokens fill the context too
     if room < 1:
         raise ReliefError(f"the prompt is {len(prompt)} tokens, the model's context is {engine.context_length}; "
                           "shorten the prompt or the conversation")
     max_tokens = min(config.max_tokens, room)
-    stream = HarmonyStream(engine.harmony.decode)
+    # generate_tokens gets the tokens its repetition penalty looks back at (else only the last)
+    penalized = config.sampling.repetition_penalty != 1
+    split = len(prompt) - min(len(prompt), config.sampling.repetition_context if penalized else 1)
+    stream, text = HarmonyStream(engine.harmony.decode), TextStream(engine.harmony.decode)
     tokens, logprobs = [], []
     mx.reset_peak_memory()
-    with _probe(engine.model, config, len(prompt)) as probe:
-        for step in generate_tokens(engine.model, prompt, max_tokens=max_tokens, sampling=config.sampling,
-                                    logprobs=config.logprobs, prefill_chunk=config.prefill_chunk):
+    start = time.perf_counter()
+    cache, reused = (prompt_cache.restore(engine.model, prompt[:split]) if prompt_cache is not None
+                     else (engine.model.make_cache(), 0))
+    with _probe(engine.model, config, len(prompt) - reused) as probe:
+        feed(engine.model, prompt[reused:split], cache, config.prefill_chunk)
+        if prompt_cache is not None:
+            prompt_cache.keep(cache, prompt[:split])
+        fed_s = time.perf_counter() - start
+        for step in generate_tokens(engine.model, prompt[split:], max_tokens=max_tokens, sampling=config.sampling,
+                                    logprobs=config.logprobs, cache=cache, prefill_chunk=config.prefill_chunk):
             tokens.append(step.token)
             logprobs.append(step.logprob)
             if probe is not None:
                 probe.collect()  # counts (and checks) the steps that have finished
             _emit(stream.feed(step.token), on_delta)
+            _emit(text.feed(step.token), on_text)
             if step.token in STOP_IDS:
                 break
         _emit(stream.finish(), on_delta)
+        _emit(text.finish(), on_text)
         routing = probe.report() if probe is not None else None  # checks the last steps too
     return Answer(
         final=stream.text("final"), analysis=stream.text("analysis"), commentary=stream.text("commentary"),
         messages=stream.messages, tokens=tokens, logprobs=logprobs if config.logprobs else None,
         finish_reason=_finish_reason(tokens, max_tokens, config.max_tokens),
-        prompt_tokens=len(prompt), prefill_tps=step.prefill_tps, decode_tps=step.decode_tps,
-        peak_memory_gb=mx.get_peak_memory() / 1e9, routing=routing if config.moe_stats else None,
+        prompt_tokens=len(prompt), prefill_tps=(len(prompt) - reused) / (fed_s + step.prefill_s),
+        decode_tps=step.decode_tps, peak_memory_gb=mx.get_peak_memory() / 1e9,
+        routing=routing if config.moe_stats else None, reused_tokens=reused,
     )
 
 
@@ -208,9 +313,9 @@ def _probe(model: Any, config: GenerateConfig, prompt_tokens: int) -> Iterator[R
         probe.close()
 
 
-def _emit(delta: Delta | None, on_delta: Callable[[Delta], None] | None) -> None:
-    if delta is not None and on_delta is not None:
-        on_delta(delta)
+def _emit(item: Delta | str | None, to: Callable[[Any], None] | None) -> None:
+    if item and to is not None:
+        to(item)
 
 
 def _finish_reason(tokens: list[int], max_tokens: int, asked: int) -> str:

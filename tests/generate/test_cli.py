@@ -149,8 +149,13 @@ def test_chat_keeps_finals_drops_analysis_and_obeys_commands(scripted_cli, harmo
     assert result.exit_code == 0, result.output
     assert "Answer one.\n" in result.stdout and "Answer three.\n" in result.stdout
     assert "reasoning: high" in result.stdout and "tokens/s" in result.stdout
-    second = tok.decode(engine.model.fed[1])  # the prompt of turn two, then what was generated
-    assert "Answer one.<|end|>" in second and "first thoughts" not in second
-    assert "Question one" in second and "Reasoning: medium" in second
+    first = tok.decode(engine.model.fed[0])
+    assert "Reasoning: medium" in first and "Question one" in first
+    second = tok.decode(engine.model.fed[1])  # turn two's new prompt tokens (the rest is cached), its answer
+    assert second.startswith("assistant<|channel|>final<|message|>Answer one.<|end|><|start|>user<|message|>"
+                             "Question two<|end|><|start|>assistant<|channel|>analysis")
+    assert "first thoughts" not in second
+    reused = len(engine.model.fed[0]) - len(turn(tok, "first thoughts", "Answer one.")) - 1  # turn one's prompt[:-1]
+    assert f"{reused} reused from the last turn" in result.stdout  # /stats
     third = tok.decode(engine.model.fed[2])
     assert "Reasoning: high" in third and "Question one" not in third  # /reset forgot it

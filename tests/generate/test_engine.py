@@ -18,7 +18,7 @@ from relief_mlx.data.harmony import (
     render_prompt,
 )
 from relief_mlx.errors import ReliefError
-from relief_mlx.generate.engine import GenerateConfig, adapter_folder, answer, complete
+from relief_mlx.generate.engine import GenerateConfig, PromptCache, adapter_folder, answer, complete
 
 USER = [{"role": "user", "content": "How long should I boil water?"}]
 
@@ -66,6 +66,21 @@ def test_the_context_limits_the_answer_and_rejects_long_prompts(scripted_engine,
     assert reply.finish_reason == "context" and len(reply.tokens) == 2
     with pytest.raises(ReliefError, match=f"the prompt is {n} tokens, the model's context is {n}"):
         answer(scripted_engine([], context_length=n), USER, GenerateConfig())
+
+
+def test_reused_prompt_tokens_count_toward_the_context(scripted_engine, harmony_tokenizer):
+    follow_up = [*USER, {"role": "assistant", "content": "One minute."}, {"role": "user", "content": "At altitude?"}]
+    first, second = (render_prompt(m, RenderOptions(reasoning_effort="medium"), harmony_tokenizer)
+                     for m in (USER, follow_up))
+    engine, cache = scripted_engine([], context_length=len(second) + 2), PromptCache()
+    answer(engine, USER, GenerateConfig(max_tokens=2), prompt_cache=cache)
+    assert cache.tokens == first[:-1]
+    reply = answer(engine, follow_up, GenerateConfig(), prompt_cache=cache)
+    assert reply.reused_tokens == len(first) - 1 and engine.model.fed[1][:-1] == second[len(first) - 1:]
+    assert reply.finish_reason == "context" and len(reply.tokens) == 2  # the whole prompt filled the context
+    assert reply.to_dict()["reused_tokens"] == len(first) - 1
+    with pytest.raises(ReliefError, match=f"the prompt is {len(second)} tokens"):
+        answer(scripted_engine([], context_length=len(second)), follow_up, GenerateConfig(), prompt_cache=cache)
 
 
 def test_reasoning_effort_reaches_the_system_message(scripted_engine, harmony_tokenizer):
