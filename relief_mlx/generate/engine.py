@@ -39,7 +39,7 @@ from .. import hub
 from ..data.harmony import CALL, RETURN, STOP_IDS, HarmonyTokenizer, ParsedMessage, RenderOptions, render_prompt
 from ..errors import ReliefError
 from ..model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from .harmony_stream import Delta, HarmonyStream
+from .harmony_stream import Delta, HarmonyStream, TextStream
 from .loop import DEFAULT_PREFILL_CHUNK, generate_tokens
 from .moe import RoutingProbe, RoutingReport
 from .sampling import SamplingConfig
@@ -214,30 +214,6 @@ def feed(model: Any, tokens: Sequence[int], cache: list[Any], chunk: int) -> Non
     for start in range(0, len(tokens), chunk):
         model.model(mx.array(tokens[start:start + chunk], dtype=mx.int32)[None], cache=cache)
         mx.eval([layer.state for layer in cache])
-
-
-class TextStream:
-    """Token ids in, their text out (Harmony tokens as text) as soon as it is whole: a token that
-    ends inside a UTF-8 character waits for the next one."""
-
-    def __init__(self, decode: Callable[[Sequence[int]], str]):
-        self._decode = decode
-        self._ids: list[int] = []
-        self._done = 0  # self._ids[:self._done] is emitted text
-
-    def feed(self, token: int) -> str:
-        self._ids.append(token)
-        text = self._decode(self._ids[self._done:])
-        if text.endswith("\ufffd") and len(self._ids) - self._done < 4:  # a character spans 4 tokens at most
-            return ""
-        self._done = len(self._ids)
-        return text
-
-    def finish(self) -> str:
-        """What is held back at the end (a cut-off character decodes as U+FFFD)."""
-        text = self._decode(self._ids[self._done:])
-        self._done = len(self._ids)
-        return text
 
 
 def answer(engine: Engine, messages: list[dict], config: GenerateConfig,

@@ -5,8 +5,8 @@ The prompt ends with `<|start|>assistant`, so the stream begins inside a message
     <|channel|>analysis<|message|>...<|end|><|start|>assistant<|channel|>final<|message|>...<|return|>
 
 Header tokens are collected until `<|message|>`, so a channel name split over several
-tokens ("comment" + "ary") is read whole. Body text is detokenized incrementally (a token
-that ends inside a UTF-8 character waits for the next one). `<|end|>` closes a message,
+tokens ("comment" + "ary") is read whole. Body text is detokenized incrementally by a
+`TextStream` (a token that ends inside a UTF-8 character waits for the next one). `<|end|>` closes a message,
 `<|return|>` and `<|call|>` close it and end the answer; `<|start|>` inside a body closes it
 as incomplete. Anything between messages that is not `<|start|>` is ignored. The parser never
 stops generation itself: `done` tells the caller that a stop token arrived.
@@ -32,16 +32,38 @@ class Delta:
     recipient: str | None = None
 
 
+class TextStream:
+    """Token ids in, their text out (Harmony tokens as text) as soon as it is whole: a token that
+    ends inside a UTF-8 character waits for the next one."""
+
+    def __init__(self, decode: Callable[[Sequence[int]], str]):
+        self._decode = decode
+        self._ids: list[int] = []
+        self._done = 0  # self._ids[:self._done] is emitted text
+
+    def feed(self, token: int) -> str:
+        self._ids.append(token)
+        text = self._decode(self._ids[self._done:])
+        if text.endswith("\ufffd") and len(self._ids) - self._done < 4:  # a character spans 4 tokens at most
+            return ""
+        self._done = len(self._ids)
+        return text
+
+    def finish(self) -> str:
+        """What is held back at the end (a cut-off character decodes as U+FFFD)."""
+        text = self._decode(self._ids[self._done:])
+        self._done = len(self._ids)
+        return text
+
+
 @dataclass
 class _Message:
+    body: TextStream
     header: list[int] = field(default_factory=list)
-    body: list[int] = field(default_factory=list)
     role: str = "assistant"
     channel: str | None = None
     recipient: str | None = None
     text: str = ""
-    prefix: int = 0  # incremental detokenizing: body[prefix:read] is already emitted text
-    read: int = 0
 
 
 class HarmonyStream:
@@ -52,7 +74,7 @@ class HarmonyStream:
         prompt already opened (`<|start|>assistant`)."""
         self._decode = decode
         self._done: list[ParsedMessage] = []
-        self._current: _Message | None = _Message()
+        self._current: _Message | None = self._new()
         self._prefix_role: str | None = role  # the first header's role is in the prompt
         self._in_body = False
         self.stop_token: int | None = None
@@ -68,7 +90,7 @@ class HarmonyStream:
             return None
         if token in (END, RETURN, CALL, START):
             delta = self._close(complete=token != START) if self._in_body else None
-            self._current = _Message() if token == START else None
+            self._current = self._new() if token == START else None
             self._prefix_role = None  # a new header spells out its role
             if token in (RETURN, CALL):
                 self.stop_token = token
@@ -84,13 +106,12 @@ class HarmonyStream:
             return None
         if token >= FIRST_SPECIAL:
             return None  # a stray control token is not text
-        current.body.append(token)
-        return self._next_text(current)
+        return self._emit(current, current.body.feed(token))
 
     def finish(self) -> Delta | None:
         """End of the stream: flush held-back text; an open message stays incomplete."""
         if self._current is not None and self._in_body:
-            return self._flush(self._current)
+            return self._emit(self._current, self._current.body.finish())
         return None
 
     @property
@@ -109,6 +130,9 @@ class HarmonyStream:
 
     # ------------------------------------------------------------ internals
 
+    def _new(self) -> _Message:
+        return _Message(TextStream(self._decode))
+
     def _open_body(self, m: _Message) -> None:
         head, _, chan = self._decode([t for t in m.header if t != CONSTRAIN]).partition("<|channel|>")
         head = f"{self._prefix_role or ''}{head}"
@@ -118,27 +142,15 @@ class HarmonyStream:
         m.recipient = next((w[3:] for w in words if w.startswith("to=")), None)
         self._in_body = True
 
-    def _next_text(self, m: _Message) -> Delta | None:
-        before = self._decode(m.body[m.prefix:m.read])
-        after = self._decode(m.body[m.prefix:])
-        if len(after) <= len(before) or after.endswith("\ufffd"):
-            return None  # mid-character: wait for the rest of it
-        m.prefix, m.read = m.read, len(m.body)
-        return self._emit(m, after[len(before):])
-
-    def _flush(self, m: _Message) -> Delta | None:
-        before = self._decode(m.body[m.prefix:m.read])
-        after = self._decode(m.body[m.prefix:])
-        m.prefix = m.read = len(m.body)
-        return self._emit(m, after[len(before):]) if len(after) > len(before) else None
-
-    def _emit(self, m: _Message, text: str) -> Delta:
+    def _emit(self, m: _Message, text: str) -> Delta | None:
+        if not text:
+            return None
         m.text += text
         return Delta(m.channel, text, m.recipient)
 
     def _close(self, complete: bool) -> Delta | None:
         m = self._current
-        delta = self._flush(m)
+        delta = self._emit(m, m.body.finish())
         self._done.append(ParsedMessage(m.role, m.channel, m.text, m.recipient, complete))
         self._in_body = False
         return delta
