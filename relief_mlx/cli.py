@@ -277,9 +277,11 @@ def _after_answer(reply, show_reasoning: bool) -> None:
 @click.option("--prompt", help="One prompt; the answer streams to the terminal.")
 @click.option("--prompts", "prompts_file", type=click.Path(), help="JSONL of prompts ({\"prompt\"} or {\"messages\"}).")
 @click.option("--out", type=click.Path(), help="JSONL answers for --prompts, written atomically.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Prompts of --prompts decoded together (one forward pass per step for all).")
 @click.option("--logprobs", is_flag=True, help="Keep per-token log-probabilities (printed, or in --out).")
 @click.option("--raw", is_flag=True, help="Stream the generated tokens as text, Harmony tokens included.")
-def generate(prompt, prompts_file, out, logprobs, raw, **o) -> None:
+def generate(prompt, prompts_file, out, batch_size, logprobs, raw, **o) -> None:
     """Answer a prompt (or a JSONL file of prompts) with a model and optional LoRA adapter."""
     from .generate import Engine
     from .generate.batch import answer_file, conversation
@@ -296,7 +298,7 @@ def generate(prompt, prompts_file, out, logprobs, raw, **o) -> None:
             click.echo(f"{prompts_file}:{line}: " + (f"error: {error}" if error else
                        f"{reply.generated_tokens} tokens, {reply.decode_tps:.1f} tokens/s"), err=True)
 
-        result = answer_file(engine, prompts_file, out, config, on_answer=progress)
+        result = answer_file(engine, prompts_file, out, config, batch_size, on_answer=progress)
         click.echo(f"answers -> {result.out} ({result.answered} answered, {len(result.failed)} failed)")
         if result.failed:
             line, reason = result.failed[0]

@@ -233,10 +233,8 @@ def complete(engine: Engine, prompt: Sequence[int], config: GenerateConfig,
     this prompt's snapshot in it.
     """
     prompt = list(prompt)
-    room = engine.context_length - len(prompt)  # the whole prompt: reused tokens fill the context too
-    if room < 1:
-        raise ReliefError(f"the prompt is {len(prompt)} tokens, the model's context is {engine.context_length}; "
-                          "shorten the prompt or the conversation")
+    check_context(len(prompt), engine.context_length)  # the whole prompt: reused tokens fill the context too
+    room = engine.context_length - len(prompt)
     max_tokens = min(config.max_tokens, room)
     # generate_tokens gets the tokens its repetition penalty looks back at (else only the last)
     penalized = config.sampling.repetition_penalty != 1
@@ -268,7 +266,7 @@ def complete(engine: Engine, prompt: Sequence[int], config: GenerateConfig,
     return Answer(
         final=stream.text("final"), analysis=stream.text("analysis"), commentary=stream.text("commentary"),
         messages=stream.messages, tokens=tokens, logprobs=logprobs if config.logprobs else None,
-        finish_reason=_finish_reason(tokens, max_tokens, config.max_tokens),
+        finish_reason=finish_reason(tokens, max_tokens, config.max_tokens),
         prompt_tokens=len(prompt), prefill_tps=(len(prompt) - reused) / (fed_s + step.prefill_s),
         decode_tps=step.decode_tps, peak_memory_gb=mx.get_peak_memory() / 1e9,
         routing=routing if config.moe_stats else None, reused_tokens=reused,
@@ -294,7 +292,15 @@ def _emit(item: Delta | str | None, to: Callable[[Any], None] | None) -> None:
         to(item)
 
 
-def _finish_reason(tokens: list[int], max_tokens: int, asked: int) -> str:
+def check_context(prompt_tokens: int, context_length: int) -> None:
+    """Raise when a prompt leaves no room for a single generated token."""
+    if prompt_tokens >= context_length:
+        raise ReliefError(f"the prompt is {prompt_tokens} tokens, the model's context is {context_length}; "
+                          "shorten the prompt or the conversation")
+
+
+def finish_reason(tokens: list[int], max_tokens: int, asked: int) -> str:
+    """Why generation ended: stop, call, length (`asked` tokens made) or context (it was full)."""
     if tokens and tokens[-1] == RETURN:
         return "stop"
     if tokens and tokens[-1] == CALL:

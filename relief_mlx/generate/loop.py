@@ -11,12 +11,21 @@ blocks). Prefill feeds all prompt tokens but the last in chunks and evaluates on
 so the last layer's attention output and experts never run for those positions (MLX computes
 what is asked for); the last prompt token then goes through like a decode step. The
 full-vocabulary log-softmax is computed only when log-probabilities are asked for.
+
+`generate_batch` decodes B prompts together, one forward pass per step for all of them. The
+prompts are left-padded to the longest, so every row's last prompt token sits in the same
+column and each step appends one column. mlx-lm's batch caches (`BatchKVCache`,
+`BatchRotatingKVCache`, what the model's own caches `merge` into) know each row's padding: the
+mask hides the pad columns and the RoPE offset of row b starts at minus its padding, so a row
+sees the same positions and keys as alone. As in `generate_tokens`, step n+1 is queued before
+step n is read. A finished row is then dropped from the caches (`filter`), from the queued step
+and from the sampler, and costs nothing afterwards.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,4 +114,87 @@ def generate_tokens(
         yield Step(value, logprob.item() if logprob is not None else None, n, prompt.size,
                    first - start, now - first)
         if n < max_tokens:
+            token, logprob = next_token, next_logprob
+
+
+def batch_cache(model: nn.Module, left_padding: list[int]) -> list[Any]:
+    """Empty caches for B left-padded rows: each of the model's caches merged into its batch
+    version (KVCache -> BatchKVCache, RotatingKVCache -> BatchRotatingKVCache), told the padding."""
+    caches = []
+    for single in model.make_cache():
+        if not hasattr(single, "merge"):
+            raise ReliefError(f"the model's {type(single).__name__} has no batch version; use batch size 1")
+        batch = single.merge([single] * len(left_padding))  # empty, so no keys are copied
+        batch.prepare(left_padding=left_padding)
+        caches.append(batch)
+    return caches
+
+
+def prefill_batch(model: nn.Module, tokens: mx.array, cache: list[Any], chunk: int) -> mx.array:
+    """`prefill` for left-padded rows `tokens` (B, L): the logits (B, V) after each row's prompt."""
+    width = tokens.shape[1]
+    for start in range(0, width - 1, chunk):
+        model.model(tokens[:, start:min(start + chunk, width - 1)], cache=cache)
+        mx.eval([c.state for c in cache])
+    return decode_batch(model, tokens[:, -1], cache)
+
+
+def decode_batch(model: nn.Module, tokens: mx.array, cache: list[Any]) -> mx.array:
+    """One token per row (B,) in, the logits (B, V) of each row's next one out."""
+    return model(tokens[:, None], cache=cache)[:, -1, :]
+
+
+def generate_batch(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_tokens: int | Sequence[int],
+    stop_tokens: Collection[int] = (),
+    sampling: SamplingConfig | None = None,
+    logprobs: bool = False,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+) -> Iterator[dict[int, Step]]:
+    """Continue every prompt (token ids) at once; yield, per step, {row: Step} of the rows still going.
+
+    Row i ends with its `max_tokens[i]`-th token (an int: the same for all) or with a token of
+    `stop_tokens` (yielded); it is then dropped from the batch. A Step's `prompt_tokens` is its
+    row's, its timings are the batch's.
+    """
+    limits = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else list(max_tokens)
+    if not prompts or any(len(p) == 0 for p in prompts) or len(limits) != len(prompts):
+        raise ReliefError("pass one or more prompts, each with at least one token, and one max_tokens per prompt")
+    if min(limits) < 1 or prefill_chunk < 1:
+        raise ReliefError(f"max_tokens {min(limits)} and prefill_chunk {prefill_chunk} must be 1 or more")
+    width = max(len(p) for p in prompts)
+    padding = [width - len(p) for p in prompts]
+    padded = mx.array([[0] * pad + list(p) for pad, p in zip(padding, prompts, strict=True)], dtype=mx.int32)  # (B, L)
+    cache = batch_cache(model, padding)
+    sample = Sampler(sampling or SamplingConfig(), prompts, logprobs)
+
+    start = time.perf_counter()
+    token, logprob = sample(prefill_batch(model, padded, cache, prefill_chunk))  # (B,), (B,) or None
+    mx.async_eval(token, logprob)
+    rows, counts, first = list(range(len(prompts))), [0] * len(prompts), None
+    while rows:
+        if any(counts[r] + 1 < limits[r] for r in rows):  # queue step n+1 before waiting for step n
+            next_token, next_logprob = sample(decode_batch(model, token, cache))
+            mx.async_eval(next_token, next_logprob)
+        values, scores = token.tolist(), logprob.tolist() if logprob is not None else [None] * len(rows)
+        now = time.perf_counter()
+        first = first or now
+        steps = {}
+        for r, value, score in zip(rows, values, scores, strict=True):
+            counts[r] += 1
+            steps[r] = Step(value, score, counts[r], len(prompts[r]), first - start, now - first)
+        yield steps
+        keep = [i for i, r in enumerate(rows) if counts[r] < limits[r] and steps[r].token not in stop_tokens]
+        if keep and len(keep) < len(rows):  # drop the finished rows from everything that has a batch axis
+            index = mx.array(keep)
+            for c in cache:
+                c.filter(index)
+            sample.filter(index)
+            next_token = next_token[index]
+            next_logprob = next_logprob[index] if next_logprob is not None else None
+        rows = [rows[i] for i in keep]
+        if rows:
             token, logprob = next_token, next_logprob

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -62,18 +63,21 @@ def _check(ok: bool, name: str, value: object, want: str) -> None:
 
 
 class Sampler:
-    """Chooses tokens for one sequence; holds the random key and the recent tokens.
+    """Chooses tokens for one sequence, or for B rows decoded together; holds the random key and
+    each row's recent tokens.
 
-    `sampler(logits)` takes (1, V) logits and returns the token (1,) and, when asked for,
-    its log-probability (1,); both lazy.
+    `prompt` is one sequence's ids (L,), or a list of B prompts. `sampler(logits)` takes (B, V)
+    logits (B = 1 for one sequence) and returns the tokens (B,) and, when asked for, their
+    log-probabilities (B,); both lazy. Rows share the random key, so a row's draws depend on the
+    batch it is in; greedy choices do not.
     """
 
-    def __init__(self, config: SamplingConfig, prompt: mx.array, logprobs: bool = False):
+    def __init__(self, config: SamplingConfig, prompt: mx.array | Sequence[Sequence[int]], logprobs: bool = False):
         self.config = config
         self.logprobs = logprobs
         self._key = mx.random.key(config.seed if config.seed is not None else secrets.randbits(63))
         self._penalized = config.repetition_penalty != 1.0
-        self._recent = prompt[-config.repetition_context:] if self._penalized else None
+        self._recent = recent_tokens(prompt, config.repetition_context) if self._penalized else None  # (B, n)
 
     def __call__(self, logits: mx.array) -> tuple[mx.array, mx.array | None]:
         raw = logits
@@ -85,23 +89,40 @@ class Sampler:
             self._key, key = mx.random.split(self._key)
             token = mx.random.categorical(filtered(logits, self.config), key=key)
         if self._penalized:
-            self._recent = mx.concatenate([self._recent, token])[-self.config.repetition_context:]
+            self._recent = mx.concatenate([self._recent, token[:, None]], axis=1)[:, -self.config.repetition_context:]
         if not self.logprobs:
             return token, None
         raw = raw.astype(mx.float32)
         logprob = mx.take_along_axis(raw, token[:, None], axis=-1)[:, 0] - mx.logsumexp(raw, axis=-1)
         return token, logprob
 
+    def filter(self, rows: mx.array) -> None:
+        """Keep only `rows` (indices into the current batch), when the batch drops finished rows."""
+        if self._recent is not None:
+            self._recent = self._recent[rows]
+
+
+def recent_tokens(prompt: mx.array | Sequence[Sequence[int]], n: int) -> mx.array:
+    """The last `n` ids of each prompt, (B, m) with m the longest; a shorter row is filled on the
+    left with its own first id, and a repeated id is penalized once, like any repeat."""
+    if isinstance(prompt, mx.array):
+        return prompt[None, -n:]
+    rows = [list(p)[-n:] for p in prompt]
+    width = max(len(r) for r in rows)
+    return mx.array([r[:1] * (width - len(r)) + r for r in rows], dtype=mx.int32)
+
 
 def repetition_penalty(logits: mx.array, recent: mx.array, penalty: float) -> mx.array:
-    """Make the tokens in `recent` (n,) less likely in `logits` (1, V), CTRL-style."""
-    seen = logits[:, recent]  # (1, n)
+    """Make the tokens in `recent` (n,), or row b's in `recent[b]` (B, n), less likely in
+    `logits` (B, V), CTRL-style."""
+    recent = recent[None] if recent.ndim == 1 else recent
+    seen = mx.take_along_axis(logits, recent, axis=-1)  # (B, n)
     seen = mx.where(seen < 0, seen * penalty, seen / penalty)
-    return mx.put_along_axis(logits, recent[None], seen, axis=-1)
+    return mx.put_along_axis(logits, recent, seen, axis=-1)
 
 
 def filtered(logits: mx.array, config: SamplingConfig) -> mx.array:
-    """Tempered logits (1, V) with the tokens that top-k, top-p and min-p drop set to -inf."""
+    """Tempered logits (B, V) with the tokens that top-k, top-p and min-p drop set to -inf."""
     logits = logits.astype(mx.float32) / config.temperature
     drop = mx.array(-mx.inf, mx.float32)
     if 0 < config.top_k < logits.shape[-1]:

@@ -131,6 +131,13 @@ def test_prompts_file_with_a_bad_line_answers_the_rest(fast_load, mini_mlx, tmp_
     assert records[2]["generated_tokens"] == 3 and "error" in records[1] and "error" in records[3]
 
 
+def test_batch_size_below_one_is_refused(scripted_cli, tmp_path):
+    scripted_cli([])
+    result = run("generate", "--model", "m", "--prompts", tmp_path / "p.jsonl", "--out", tmp_path / "o.jsonl",
+                 "--batch-size", "0")
+    assert result.exit_code == 2 and "--batch-size" in result.output and "0 is not in the range x>=1" in result.output
+
+
 def test_moe_stats_table(fast_load, mini_mlx):
     result = run("generate", "--model", mini_mlx, "--prompt", "hi", "--max-tokens", "3", "--moe-stats",
                  "--check-routing")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from relief_mlx.errors import ReliefError
-from relief_mlx.generate.sampling import Sampler, SamplingConfig, filtered, repetition_penalty
+from relief_mlx.generate.sampling import Sampler, SamplingConfig, filtered, recent_tokens, repetition_penalty
 
 LOGITS = mx.array([[0.0, 3.0, 1.0, 2.9, -1.0, 0.5]])  # (1, V=6); token 1 is the argmax
 
@@ -85,3 +85,17 @@ def test_repetition_penalty_changes_the_greedy_choice_and_tracks_new_tokens():
 def test_sampling_only_picks_kept_tokens():
     sample = Sampler(SamplingConfig(temperature=2.0, top_k=2, seed=0), mx.array([0]))
     assert {sample(LOGITS)[0].item() for _ in range(50)} == {1, 3}
+
+
+def test_rows_sampled_together_penalize_their_own_tokens_and_filter_keeps_the_right_row():
+    sample = Sampler(SamplingConfig(repetition_penalty=1.5, repetition_context=1), [[1], [0]])
+    assert sample(mx.concatenate([LOGITS, LOGITS]))[0].tolist() == [3, 1]  # row 0 saw 1, row 1 did not
+    sample.filter(mx.array([1]))  # row 1 (which just chose 1) stays
+    assert sample(LOGITS)[0].tolist() == [3]  # row 0's history (3) would have kept 1
+
+
+def test_a_short_row_of_recent_tokens_is_penalized_once():
+    recent = recent_tokens([[5], [1, 2, 3]], 2)
+    assert recent.tolist() == [[5, 5], [2, 3]]
+    out = np.array(repetition_penalty(mx.concatenate([LOGITS, LOGITS]), recent, 2.0))
+    assert np.allclose(out, [[0.0, 3.0, 1.0, 2.9, -1.0, 0.25], [0.0, 3.0, 0.5, 1.45, -1.0, 0.5]])
