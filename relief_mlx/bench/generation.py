@@ -3,7 +3,9 @@ by generation length, peak memory of each phase; our loop and mlx-lm's on the sa
 
 Every runner is timed by the same harness from outside (the clock starts before the call and
 reads each token as the runner hands it over), so neither loop's own timing is trusted. Trials
-alternate between runners, so a machine that slows down mid-run penalizes both alike.
+alternate between runners, and their order flips every trial (what one runner leaves behind,
+such as MLX's buffer cache, helps or hurts the next alike), so a machine that slows down mid-run
+penalizes both alike.
 """
 
 from __future__ import annotations
@@ -126,8 +128,8 @@ def bench_generation(model: nn.Module, runners: Sequence[str], prompt_lengths: S
 def _trials(runners: Sequence[str], trials: int, model: nn.Module, prompt: mx.array, max_tokens: int,
             chunk: int) -> dict[str, list[Run]]:
     runs: dict[str, list[Run]] = {name: [] for name in runners}
-    for _ in range(trials):
-        for name in runners:
+    for trial in range(trials):
+        for name in runners if trial % 2 == 0 else runners[::-1]:  # neither always runs first
             run = timed_run(RUNNERS[name], model, prompt, max_tokens, chunk)
             if run.tokens != max_tokens:
                 raise RuntimeError(f"{name} generated {run.tokens} tokens, asked for {max_tokens}")

@@ -129,7 +129,8 @@ def bench_training(model: nn.Module, runners: Sequence[str], shape: TrainShape, 
     """{runner: {"tokens_per_s", "step_s", "peak_memory_bytes"}} for the LoRA step of `shape`.
 
     The model must already carry the LoRA layers (`train.targets.apply_lora`). Each runner takes
-    one untimed step first (compilation); then the runners alternate for `trials` timed steps.
+    one untimed step first (compilation); then the runners alternate for `trials` timed steps, in
+    an order that flips every trial.
     Their trainable weights move, which does not change the work of a step.
     """
     say = on_event or (lambda message: None)
@@ -142,8 +143,8 @@ def bench_training(model: nn.Module, runners: Sequence[str], shape: TrainShape, 
     say(f"training: LoRA step, {shape.tokens} tokens x {trials} trials")
     times: dict[str, list[float]] = {name: [] for name in runners}
     peaks = dict.fromkeys(runners, 0)
-    for _ in range(trials):
-        for name in runners:
+    for trial in range(trials):
+        for name in runners if trial % 2 == 0 else runners[::-1]:  # neither always runs first
             mx.synchronize()
             mx.reset_peak_memory()
             start = time.perf_counter()

@@ -18,3 +18,21 @@ def test_paired_ratio_cancels_a_load_both_runners_saw():
 def test_overlaps_is_range_overlap():
     assert overlaps(summarize([1.0, 2.0]), summarize([2.0, 3.0]))
     assert not overlaps(summarize([1.0, 1.5]), summarize([2.0, 3.0]))
+
+
+def test_runner_order_flips_every_trial(monkeypatch):
+    """What one runner leaves behind (MLX's buffer cache) must not always favour the same one."""
+    from relief_mlx.bench import generation
+
+    order = []
+
+    def runner(name):
+        def tokens(model, prompt, max_tokens, chunk):
+            order.append(name)
+            yield from range(max_tokens)
+        return tokens
+
+    monkeypatch.setattr(generation, "RUNNERS", {"relief": runner("relief"), "mlx-lm": runner("mlx-lm")})
+    runs = generation._trials(["relief", "mlx-lm"], 4, None, None, 2, 8)
+    assert order == ["relief", "mlx-lm", "mlx-lm", "relief"] * 2
+    assert [len(v) for v in runs.values()] == [4, 4]
