@@ -40,7 +40,7 @@ from ..data.harmony import CALL, RETURN, STOP_IDS, HarmonyTokenizer, ParsedMessa
 from ..errors import ReliefError
 from ..model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .harmony_stream import Delta, HarmonyStream, TextStream
-from .loop import DEFAULT_PREFILL_CHUNK, generate_tokens
+from .loop import DEFAULT_PREFILL_CHUNK, feed, generate_tokens
 from .moe import RoutingProbe, RoutingReport
 from .sampling import SamplingConfig
 
@@ -207,13 +207,6 @@ class PromptCache:
 def _own(state: tuple) -> tuple:
     """`state` with new handles on the same arrays (`x[:]` shares the buffer, copies nothing)."""
     return tuple(x[:] if isinstance(x, mx.array) else x for x in state)
-
-
-def feed(model: Any, tokens: Sequence[int], cache: list[Any], chunk: int) -> None:
-    """Run `tokens` through `model` into `cache`, `chunk` at a time, computing only the K/V."""
-    for start in range(0, len(tokens), chunk):
-        model.model(mx.array(tokens[start:start + chunk], dtype=mx.int32)[None], cache=cache)
-        mx.eval([layer.state for layer in cache])
 
 
 def answer(engine: Engine, messages: list[dict], config: GenerateConfig,

@@ -63,12 +63,20 @@ class Step:
         return (self.n - 1) / self.decode_s if self.decode_s > 0 else 0.0
 
 
+def feed(model: nn.Module, tokens: Sequence[int] | mx.array, cache: list[Any], chunk: int) -> None:
+    """Run `tokens` (ids (L,), or rows (B, L)) through the model into `cache`, `chunk` columns at a
+    time, evaluating only the K/V: the last layer's output is never computed."""
+    tokens = tokens if isinstance(tokens, mx.array) else mx.array(tokens, dtype=mx.int32)
+    tokens = tokens[None] if tokens.ndim == 1 else tokens
+    for start in range(0, tokens.shape[1], chunk):
+        model.model(tokens[:, start:start + chunk], cache=cache)
+        mx.eval([c.state for c in cache])
+
+
 def prefill(model: nn.Module, prompt: mx.array, cache: list[Any], chunk: int) -> mx.array:
     """Feed `prompt` (L,) to the model, filling `cache`; return the logits (1, V) that predict
     the token after the prompt."""
-    for start in range(0, prompt.size - 1, chunk):
-        model.model(prompt[None, start:min(start + chunk, prompt.size - 1)], cache=cache)
-        mx.eval([c.state for c in cache])  # only K/V: the last layer's output is never computed
+    feed(model, prompt[:-1], cache, chunk)
     return decode(model, prompt[-1:], cache)
 
 
@@ -132,10 +140,7 @@ def batch_cache(model: nn.Module, left_padding: list[int]) -> list[Any]:
 
 def prefill_batch(model: nn.Module, tokens: mx.array, cache: list[Any], chunk: int) -> mx.array:
     """`prefill` for left-padded rows `tokens` (B, L): the logits (B, V) after each row's prompt."""
-    width = tokens.shape[1]
-    for start in range(0, width - 1, chunk):
-        model.model(tokens[:, start:min(start + chunk, width - 1)], cache=cache)
-        mx.eval([c.state for c in cache])
+    feed(model, tokens[:, :-1], cache, chunk)
     return decode_batch(model, tokens[:, -1], cache)
 
 

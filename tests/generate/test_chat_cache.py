@@ -12,8 +12,8 @@ from relief_mlx.data.harmony import RenderOptions, render_prompt
 from relief_mlx.generate import Engine, GenerateConfig, SamplingConfig
 from relief_mlx.generate import engine as engine_module
 from relief_mlx.generate.chat import ChatSession, stats_text
-from relief_mlx.generate.engine import PromptCache, feed
-from relief_mlx.generate.loop import generate_tokens
+from relief_mlx.generate.engine import PromptCache
+from relief_mlx.generate.loop import feed, generate_tokens
 
 SYSTEM = "Answer field medics in short, numbered steps, and say when a case needs a clinic."
 ANSWER = "Boil the water for one minute, then let it cool in a covered pot before anyone drinks it."
