@@ -9,7 +9,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from ..errors import ReliefError
@@ -50,3 +50,14 @@ def apply_adapter(model: nn.Module, adapter_dir: str | Path) -> dict:
             )
     model.load_weights([(k, v.astype(params[k].dtype)) for k, v in weights.items()], strict=False)
     return config
+
+
+def remove_adapter(model: nn.Module) -> int:
+    """Unwrap every LoRA layer back to the base layer it wraps (mlx-lm's LoRA layers keep it as
+    `.linear`), so one loaded model can serve the base and several adapters in turn. Returns how
+    many layers were unwrapped; the base weights were never changed."""
+    unwrapped = [(name, module.linear) for name, module in model.named_modules()
+                 if "lora_a" in module and "linear" in module]
+    if unwrapped:
+        model.update_modules(tree_unflatten(unwrapped))
+    return len(unwrapped)
