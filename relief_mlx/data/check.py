@@ -57,20 +57,32 @@ MAX_LISTED = 20  # findings of one kind printed in full; the count is always exa
 # vocabulary score 0.06-0.30, among unrelated pairs: those still need a reader.
 SCENARIO_SIMILARITY = 0.38
 # Answers talk about the emergency, not about how a fact was found ("I've only seen that in a
-# secondary copy"): sources belong in `sources`. Matched case-insensitively in assistant
-# content and thinking.
-READING_HISTORY = re.compile(
-    r"second[- ]?hand\b(?! (?:clothes|clothing|goods|items|shoes|furniture))"
-    r"|\bsecondary (?:cop(?:y|ies)|sources?|figures?|summar(?:y|ies)|listings?|references?)\b"
-    r"|\(secondary\b|\bmy (?:own )?(?:sources|references|notes)\b|\bour references\b"
-    r"|\bI'?ve (?:only )?seen (?:it |that |them |this )?(?:only )?(?:quoted|cited)\b"
-    r"|\bI'?m (?:citing|quoting) (?:it|that|this)\b|\bas far as I'?m aware\b"
-    r"|\b(?:couldn'?t|could not|can'?t|cannot) confirm (?:the|these|those|that) "
-    r"(?:figures?|numbers?|claims?|ranges?|values?)\b"
-    r"|\bis reported to (?:set|say|give)\b|\breportedly (?:changed|says|sets|gives)\b"
-    r"|\bverify in current guidance\b|\bthird[- ]party cop(?:y|ies)\b",
-    re.IGNORECASE,
+# secondary copy"): sources belong in `sources`. Matched case-insensitively in assistant content
+# and thinking. Collected from every variant in emergency_relief v1 (115 hits in 76 examples);
+# "secondary data" (MIRA's term) and "second-hand clothes" are not reading history.
+_READING_HISTORY = (
+    # second-hand and secondary copies
+    r"second[- ]?hand\b(?! (?:clothes|clothing|goods|items|shoes|furniture))",
+    r"\bsecondary (?:cop(?:y|ies)|sources?|figures?|summar(?:y|ies)|listings?|references?)\b",
+    r"\(secondary\b", r",\s*secondary\)", r"\(both secondary\)",
+    r"\b(?:figures?|numbers?|sizes?|ranges?|values?) (?:is|are) secondary\b",
+    r"\bthird[- ]party cop(?:y|ies)\b",
+    # whose notes
+    r"\bmy (?:own )?(?:sources|references|notes)\b", r"\bour references\b",
+    # seen, quoted, cited, summarised by someone else
+    r"\bI'?ve (?:only )?seen (?:it |that |them |this )?(?:only )?(?:quoted|cited)\b",
+    r"\bI'?m (?:citing|quoting) (?:it|that|this)\b",
+    r"\b(?:via|(?:as )?(?:quoted|cited|summari[sz]ed|given) in) (?:FEMA|Sphere|WHO|CDC|UNHCR|OCHA|IASC|INSARAG)\b",
+    r"\bsummari[sz]ed from\b",
+    # hedging on one's own sources instead of stating the fact or naming the document
+    r"\bas far as I'?m aware\b", r"\bverify in current guidance\b",
+    r"\b(?:couldn'?t|could not|can'?t|cannot) confirm (?:the|these|those|that) (?:new )?"
+    r"(?:figures?|numbers?|claims?|ranges?|values?)\b",
+    r"\bis reported to (?:set|say|give)\b", r"\breportedly (?:changed|says|sets|gives)\b",
+    r"\b(?:figures?|numbers?|sources?) I (?:can|could) (?:cite|stand behind)\b",
+    r"\bI'?d stand behind\b", r"\bso I can cite\b",
 )
+READING_HISTORY = re.compile("|".join(_READING_HISTORY), re.IGNORECASE)
 
 
 @dataclass

@@ -32,9 +32,11 @@ def _matcher_problem(entry: dict) -> str | None:
     if not isinstance(entry["regex"], str) or not entry["regex"].strip():
         return "'regex' must be a non-empty string"
     try:
-        re.compile(entry["regex"], re.IGNORECASE)
+        pattern = re.compile(entry["regex"], re.IGNORECASE)
     except re.error as e:
         return f"'regex' does not compile ({e})"
+    if pattern.search(""):
+        return "'regex' matches the empty string, so it matches every answer"
     return None
 
 
