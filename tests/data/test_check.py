@@ -169,9 +169,17 @@ def fails(report: ck.CheckReport) -> list[tuple[str, list[str], str]]:
     return [(f.kind, f.where, f.detail) for f in report.findings if f.fail]
 
 
-def test_scored_split_passes(scored, harmony_tokenizer):
+def test_scored_split_passes_and_counts_turns_thinking_scored(scored, harmony_tokenizer):
+    two_turns = row("Is a garage with the door open outdoors?", "No: never run a generator there.", "hazmat")
+    two_turns["messages"] += [
+        {"role": "user", "content": "And a carport with three open sides?"},
+        {"role": "assistant", "content": "Only if it is at least 20 ft from the house.", "thinking": "CDC: 20 ft."},
+    ]
+    write(scored, "valid", [two_turns])
     report = ck.check_dataset(scored, max_length=512, tokenizer=harmony_tokenizer)
     assert report.ok and report.findings == []
+    counts = [(s.name, s.examples, s.multi_turn, s.with_thinking, s.scored) for s in report.splits]
+    assert counts == [("train", 4, 0, 0, 0), ("valid", 1, 1, 1, 0), ("test", 1, 0, 0, 1)]
 
 
 def test_reading_history_phrase_fails_with_file_line(scored, harmony_tokenizer):
