@@ -170,7 +170,8 @@ def _render_options():
 @click.pass_context
 def data_check(ctx: click.Context, path: str, max_length: int | None, tokenizer: str | None,
                skip_invalid: bool, mask_mode: str, as_json: bool) -> None:
-    """Validate PATH, count splits and categories, and look for duplicates and leakage."""
+    """Validate PATH (scoring fields too), count splits and categories, and look for duplicates,
+    scenario leakage between splits and reading-history phrases in answers."""
     import json
 
     from .data.check import check_dataset

@@ -10,8 +10,10 @@ Where data comes from (`load_dataset`):
 
 Formats (one per file; other keys on a line are ignored):
 - chat: `{"messages": [{"role", "content", "thinking"?}, ...], "category"?: str,
-  "sources"?: [str]}`; roles system (first only), developer, user, assistant; the last message
-  is the assistant's;
+  "sources"?: [str], "key_facts"?: [...], "must_not"?: [...], "rubric"?: [str]}`; roles system
+  (first only), developer, user, assistant; the last message is the assistant's. The scoring
+  fields (schema: datasets/emergency_relief/README.md, checked by `relief data check`) are kept
+  as given on the Record for an evaluator;
 - completions: `{"prompt": str, "completion": str}`: one user and one assistant message;
 - text: `{"text": str}`: plain tokens plus `<|endoftext|>`, every token trained, no Harmony.
 
@@ -72,6 +74,10 @@ class Record:
     text: str | None = None  # text format only
     category: str | None = None
     sources: tuple[str, ...] = ()
+    # Scoring fields of test items, as in the file (lists of dicts / str; validated by the check).
+    key_facts: Any = None
+    must_not: Any = None
+    rubric: Any = None
 
     @property
     def where(self) -> str:
@@ -133,7 +139,10 @@ def _record(file: Path, line: int, split: str, fmt: str, obj: dict) -> Record:
     if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
         raise ValueError("has `sources` that is not a list of strings")
     messages = obj.get("messages", []) if fmt != "text" else []
-    return Record(str(file), line, split, fmt, messages, obj.get("text"), category, tuple(sources))
+    scoring = {k: obj.get(k) for k in ("key_facts", "must_not", "rubric")}
+    return Record(
+        str(file), line, split, fmt, messages, obj.get("text"), category, tuple(sources), **scoring
+    )
 
 
 def read_jsonl(path: str | Path, split: str, skip_invalid: bool = False) -> Dataset:
