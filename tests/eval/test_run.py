@@ -261,3 +261,45 @@ def test_limit_spreads_over_categories_and_categories_filter(eval_data, harmony_
     assert ids(limit=3) == ["wash-1", "shelter-2", "hazmat-5"]  # one per category, file order
     assert ids(categories=("shelter",)) == ["shelter-2", "shelter-4"]
     assert ids(categories=("wash", "hazmat"), limit=3) == ["wash-1", "wash-3", "hazmat-5"]
+
+
+# ---------------------------------------------------------------- [eval] after training
+
+
+def _recipe(mini_mlx_f32, eval_data, out, **eval_section):
+    from relief_mlx.recipe import from_dict
+
+    return from_dict({
+        "model": {"path": str(mini_mlx_f32)}, "data": {"path": str(eval_data), "max_length": 128},
+        "lora": {"targets": ["self_attn.q_proj"], "rank": 4, "alpha": 8},
+        "train": {"iterations": 2, "learning_rate": 1e-2, "loss_chunk": 32}, "validation": {"every": 2},
+        "output": {"dir": str(out), "checkpoint_every": 0}, "eval": {"enabled": True, **eval_section},
+    })
+
+
+def test_train_evaluates_base_and_best_adapter_at_the_end(mini_mlx_f32, eval_data, tmp_path):
+    from relief_mlx.train import train
+
+    events = []
+    result = train(_recipe(mini_mlx_f32, eval_data, tmp_path / "run", limit=3, max_tokens=2, categories=["wash",
+                                                                                                          "hazmat"]),
+                   on_event=lambda kind, e: events.append((kind, e)))
+    eval_dir = tmp_path / "run" / "eval"
+    assert {p.name for p in eval_dir.iterdir()} >= {"examples.jsonl", "summary.json", "report.md", "coverage.png"}
+    summary = json.loads((eval_dir / "summary.json").read_text())
+    assert [v["adapter"] for v in summary["variants"]] == [None, str(tmp_path / "run" / "best")]
+    assert summary["items"] == 3 and summary["categories"] == ["hazmat", "wash"]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["eval"] == result.summary["eval"]
+    assert result.summary["eval"]["sentences"][0].startswith("run/best vs base on 3 items")
+    kinds = [e["kind"] for kind, e in events if kind == "eval"]
+    assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("answer") == 6
+    assert [kind for kind, _ in events][-1] == "done"  # the trainer's own last event
+
+
+def test_train_refuses_an_eval_section_it_cannot_run_before_training(mini_mlx_f32, eval_data, tmp_path):
+    from relief_mlx.errors import ReliefError
+    from relief_mlx.train import train
+
+    with pytest.raises(ReliefError, match="valid.jsonl:1 has no key_facts"):
+        train(_recipe(mini_mlx_f32, eval_data, tmp_path / "run", split="valid"))
+    assert not (tmp_path / "run").exists()  # no step was trained
