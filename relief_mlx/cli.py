@@ -365,12 +365,20 @@ def demo(out: str, recipe: str) -> None:
         elif kind == "done":
             click.echo("\n".join("    " + line for line in summary_lines(event)), err=True)
 
-    result = run_demo(out, recipe, say=lambda line: click.echo(line, err=True), train_event=show)
+    from .eval.report import event_line
+
+    def show_eval(kind: str, event: dict) -> None:
+        if kind != "done" and (line := event_line(kind, event)):
+            click.echo("    " + line, err=True)
+
+    result = run_demo(out, recipe, say=lambda line: click.echo(line, err=True), train_event=show,
+                      eval_event=show_eval)
     curve = " ".join(f"{loss:.2f}" for _, loss in result["summary"]["loss_curve"])
     click.echo(f"train loss by step: {curve}")
     for name, reply in result["answers"].items():
         channel = "final channel" if reply["final_channel"] else "raw tokens: no final channel"
         click.echo(f"--- {name} ({channel}, {reply['decode_tps']:.1f} tokens/s)\n{reply['text'].strip()}")
+    click.echo("\n".join(result["eval"]["sentences"]) + f"\neval report -> {result['eval']['report']}")
     click.echo(f"adapters -> {result['adapter']}")
 # --- end demo -------------------------------------------------------------------------------
 
