@@ -221,7 +221,7 @@ def load_items(config: EvalConfig, tokenizer: Any) -> list[Item]:
         problem = item_problem(raw)
         if problem:
             raise ReliefError(f"{record.where} {problem}; eval scores every {config.split} item on its key_facts: "
-                              "add them (see the test-item schema) or pass another --split")
+                              "add them (schema: README, Evaluation) or pass another --split")
         raws.append(raw)
     present = sorted({r.category or config.split for r in records})
     unknown = [c for c in config.categories if c not in present]
