@@ -141,7 +141,8 @@ def evaluate(config: EvalConfig, on_event: Event | None = None, loaded: tuple[An
         mx.eval(model.parameters())
         # mlx-lm's tokenizer wrapper is not needed (and takes seconds to build): Harmony does it all
         engine = Engine(model, harmony, harmony, model_config.get("max_position_embeddings", DEFAULT_CONTEXT))
-        base_fp = _digest({"model": model_fingerprint(model_dir, model), **_settings(config)})
+        base_fp = _digest({"model": model_fingerprint(model_dir, model), **_settings(config),
+                           "dtype": str(model.model.embed_tokens.weight.dtype)})
         variants = [Variant("base", None, None, base_fp)]
         for name, source, folder in zip(_names(config.adapters), config.adapters, folders, strict=True):
             check_adapter(model, source, folder)
