@@ -71,11 +71,12 @@ def _pct(x: float) -> str:
     return f"{x:.1%}"
 
 
-def _ci(c: dict, scale: float = 100, digits: int = 1) -> str:
+def _ci(c: dict, scale: float = 100, digits: int = 1, unit: str = " pts") -> str:
+    """A difference, its 95% interval and the verdict; shares in percentage points by default."""
     if c["difference"] is None:
         return "-"
     low, high = (x * scale for x in c["ci95"])
-    return f"{c['difference'] * scale:+.{digits}f} ({low:+.{digits}f} to {high:+.{digits}f}) {c['verdict']}"
+    return f"{c['difference'] * scale:+.{digits}f}{unit} ({low:+.{digits}f} to {high:+.{digits}f}) {c['verdict']}"
 
 
 def _quote(text: str) -> list[str]:
@@ -126,7 +127,7 @@ def _overall(summary: dict) -> list[str]:
     for name, c in summary["comparisons"].items():
         o = c["overall"]
         rows.append([f"{name} - base", o["coverage"]["n"], _ci(o["coverage"]), "", _ci(o["violation"]),
-                     "", "", "", "", _ci(o["loss"], 1, 3), ""])
+                     "", "", "", "", _ci(o["loss"], 1, 3, ""), ""])
     return _table(header, rows)
 
 

@@ -512,7 +512,8 @@ def sentence(name: str, base: dict, other: dict, comparison: dict) -> str:
     """One line saying what the adapter changed, and whether the data can tell."""
     text = (f"{name} vs base on {base['items']} items: key-fact coverage {other['coverage']:.1%} vs "
             f"{base['coverage']:.1%} ({_verdict(comparison['coverage'], ' points', 100, 1)}); must_not "
-            f"violations in {other['items_with_violations']} vs {base['items_with_violations']} items")
+            f"violations in {other['items_with_violations']} vs {base['items_with_violations']} items "
+            f"({_verdict(comparison['violation'], ' points', 100, 1)})")
     if other["loss"] is not None and base["loss"] is not None:
         text += (f"; teacher-forced loss {other['loss']:.3f} vs {base['loss']:.3f} "
                  f"({_verdict(comparison['loss'], '', 1, 3)})")
