@@ -366,12 +366,20 @@ def demo(out: str, recipe: str) -> None:
         elif kind == "done":
             click.echo("\n".join("    " + line for line in summary_lines(event)), err=True)
 
-    result = run_demo(out, recipe, say=lambda line: click.echo(line, err=True), train_event=show)
+    from .eval.report import event_line
+
+    def show_eval(kind: str, event: dict) -> None:
+        if kind != "done" and (line := event_line(kind, event)):
+            click.echo("    " + line, err=True)
+
+    result = run_demo(out, recipe, say=lambda line: click.echo(line, err=True), train_event=show,
+                      eval_event=show_eval)
     curve = " ".join(f"{loss:.2f}" for _, loss in result["summary"]["loss_curve"])
     click.echo(f"train loss by step: {curve}")
     for name, reply in result["answers"].items():
         channel = "final channel" if reply["final_channel"] else "raw tokens: no final channel"
         click.echo(f"--- {name} ({channel}, {reply['decode_tps']:.1f} tokens/s)\n{reply['text'].strip()}")
+    click.echo("\n".join(result["eval"]["sentences"]) + f"\neval report -> {result['eval']['report']}")
     click.echo(f"adapters -> {result['adapter']}")
 # --- end demo -------------------------------------------------------------------------------
 
@@ -468,3 +476,46 @@ def bench(model: str | None, preset: str | None, experts: str | None, prompt_len
         click.echo(f"chart -> {chart}" if chart
                    else "no chart: matplotlib is not installed (pip install 'relief-mlx[plot]')")
 # --- end bench ------------------------------------------------------------------------------
+
+
+# --- eval (relief_mlx.eval) -------------------------------------------------------------------
+@cli.command("eval")
+@click.option("--model", required=True, help="Converted checkpoint folder or Hub id.")
+@click.option("--adapter", "adapters", multiple=True, type=click.Path(),
+              help="LoRA adapter to compare with the base (repeatable): a run folder, its best/ or checkpoint/, "
+                   "or a weights file.")
+@click.option("--data", default="datasets/emergency_relief", show_default=True,
+              help="Dataset folder, .jsonl file or Hub dataset id.")
+@click.option("--split", default="test", show_default=True, help="Split to answer; its items need key_facts.")
+@click.option("--out", default="runs/eval", show_default=True, type=click.Path(),
+              help="Report folder; an interrupted eval into it resumes.")
+@click.option("--limit", default=0, show_default=True, help="At most N items, spread over categories; 0: all.")
+@click.option("--categories", multiple=True, help="Only these categories (repeatable or comma-separated).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Answers decoded together, and examples per teacher-forced pass.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Most tokens per answer, reasoning included.")
+@click.option("--reasoning", type=click.Choice(["low", "medium", "high"]), default="low", show_default=True,
+              help="Reasoning effort in the system message (training renders with low).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the bootstrap confidence intervals.")
+def eval_command(model, adapters, data, split, out, limit, categories, batch_size, max_tokens, reasoning,
+                 seed) -> None:
+    """Answer a test split with the base model and each adapter; score key facts, must_not violations and
+    loss; compare with bootstrap confidence intervals; write examples.jsonl, summary.json, report.md, a chart."""
+    from .eval.report import event_line
+    from .eval.run import EvalConfig, evaluate
+    from .recipe import DataSection
+
+    config = EvalConfig(model=model, adapters=adapters, data=DataSection(path=data, reasoning_effort=reasoning),
+                        split=split, out=out, limit=limit, batch_size=batch_size, max_tokens=max_tokens, seed=seed,
+                        categories=tuple(c.strip() for text in categories for c in text.split(",") if c.strip()))
+
+    def show(kind: str, event: dict) -> None:
+        if kind != "done" and (line := event_line(kind, event)):  # the summary goes to stdout below
+            click.echo(line, err=True)
+
+    result = evaluate(config, on_event=show)
+    for line in result.summary["sentences"]:
+        click.echo(line)
+    click.echo(f"report -> {result.files['report']}")
+# --- end eval ---------------------------------------------------------------------------------

@@ -190,6 +190,34 @@ class OutputSection:
         _check(self.report_every >= 1, "output.report_every", self.report_every, "at least 1")
 
 
+# --- eval (relief_mlx.eval) ---
+@dataclass(frozen=True)
+class EvalSection:
+    """`relief eval` at the end of a run: the base model against the run's best adapter, into RUN/eval/."""
+
+    enabled: bool = False
+    """Evaluate when training ends (data.path's split below must carry key_facts)."""
+    split: str = "test"
+    """Split of data.path to answer and score."""
+    limit: int = 0
+    """Evaluate at most this many items, spread over the categories; 0 means all."""
+    categories: tuple[str, ...] = ()
+    """Only these categories; empty means all."""
+    max_tokens: int = 1024
+    """Most tokens per answer, reasoning included."""
+    batch_size: int = 8
+    """Answers decoded together (and examples per teacher-forced forward pass)."""
+    seed: int = 0
+    """Seed of the bootstrap resamples behind the confidence intervals."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.split), "eval.split", self.split, "a split name, e.g. test")
+        _check(self.limit >= 0, "eval.limit", self.limit, "0 (all) or more")
+        _check(self.max_tokens >= 1, "eval.max_tokens", self.max_tokens, "at least 1")
+        _check(self.batch_size >= 1, "eval.batch_size", self.batch_size, "at least 1")
+# --- end eval ---
+
+
 @dataclass(frozen=True)
 class Recipe:
     """One complete run. Sections are TOML tables of the same names."""
@@ -200,6 +228,7 @@ class Recipe:
     train: TrainSection = field(default_factory=TrainSection)
     validation: ValidationSection = field(default_factory=ValidationSection)
     output: OutputSection = field(default_factory=OutputSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {f.name: {k: list(v) if isinstance(v, tuple) else v

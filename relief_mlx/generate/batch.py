@@ -11,13 +11,14 @@ its `<|return|>` or `<|call|>`, its max tokens or the end of the context, then p
 `HarmonyStream`. A group of one goes through `engine.complete`, exactly as a single prompt does.
 `--moe-stats` and `--check-routing` watch one sequence, so they make every group one. A batched
 answer's prefill and decode tokens/s are its group's: all the group's tokens over its time.
-Records and `on_answer` calls follow input order.
+Records and `on_answer` calls follow input order. `answer_prompts` is the same decoding for
+rendered prompts held in memory (what `relief eval` answers with).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,6 +113,21 @@ def answer_file(engine: Engine, prompts: str | Path, out: str | Path, config: Ge
         tmp.write_text("".join(json.dumps(r.record(), ensure_ascii=False) + "\n" for r in requests),
                        encoding="utf-8")
     return result
+
+
+def answer_prompts(engine: Engine, prompts: Sequence[Sequence[int]], config: GenerateConfig,
+                   batch_size: int = 8) -> Iterator[tuple[int, Answer]]:
+    """Answer rendered prompts (`engine.render` ids), `batch_size` decoded together; yield
+    (index in `prompts`, answer) as each answer is done. A prompt too long for the context raises."""
+    for start in range(0, len(prompts), batch_size):
+        group = [_Request(start + i, prompt=list(p)) for i, p in enumerate(prompts[start:start + batch_size])]
+        for request in group:
+            check_context(len(request.prompt), engine.context_length)
+        _answer(engine, group, config)
+        for request in group:
+            if request.error is not None:
+                raise ReliefError(f"prompt {request.line}: {request.error}")
+            yield request.line, request.answer
 
 
 def _read(engine: Engine, number: int, line: str, config: GenerateConfig) -> _Request:

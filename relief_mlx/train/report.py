@@ -39,6 +39,10 @@ def event_line(kind: str, e: dict) -> str | None:
         return f"step {e['step']}: NaN/inf loss or gradient, update skipped"
     if kind == "checkpoint":
         return f"step {e['step']}: checkpoint -> {e['path']}"
+    if kind == "eval":  # [eval] after training
+        from ..eval.report import event_line as eval_line
+
+        return eval_line(e["kind"], e)
     return None
 
 

@@ -73,11 +73,15 @@ def train(recipe: Recipe, resume: str | Path | None = None, on_event: Event | No
     wall = time.perf_counter()
     model_dir, model, tokenizer = _load_model(recipe.model.path, DTYPES.get(recipe.model.dtype))
     identity = {"model": state.model_fingerprint(model_dir, model),
-                "recipe": {k: v for k, v in recipe.to_dict().items() if k != "output"}}
+                "recipe": {k: v for k, v in recipe.to_dict().items() if k not in ("output", "eval")}}
     mx.random.seed(tc.seed)  # LoRA A initialization
     adapter_config = apply_lora(model, recipe.lora)
     adapter_config["base_model"] = recipe.model.path
     splits = load_splits(recipe.data, tokenizer, need_valid=vc.every >= 0)
+    if recipe.eval.enabled and rank == 0:  # [eval] fails now, not after training
+        from ..eval.run import check_before_training
+
+        check_before_training(recipe, tokenizer)
     identity["data"] = splits.fingerprint
     lengths = [len(e.tokens) for e in splits.train]
     micro_per_epoch = math.ceil(len(splits.train) / tc.batch_size)
@@ -200,6 +204,11 @@ def train(recipe: Recipe, resume: str | Path | None = None, on_event: Event | No
 
     summary = _summary(progress, status, total_steps, splits, model, world, run, time.perf_counter() - wall)
     if rank == 0:
+        write_json(run / state.SUMMARY, summary)
+    if recipe.eval.enabled and rank == 0 and status != "interrupted":  # [eval]: the base vs this run's adapter
+        from ..eval.run import after_training
+
+        summary["eval"] = after_training(recipe, run, model, tokenizer, emit)
         write_json(run / state.SUMMARY, summary)
     emit("done", summary)
     return Result(run, status, summary)
