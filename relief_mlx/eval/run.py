@@ -36,11 +36,12 @@ import numpy as np
 from .. import hub
 from ..data.dataset import Example, load_dataset, tokenize
 from ..data.harmony import HarmonyTokenizer, RenderOptions, render_prompt
+from ..data.scoring import scoring_problems
 from ..errors import ReliefError
 from ..io import atomic_path
 from ..model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_adapter, remove_adapter
 from ..recipe import DataSection, EvalSection, Recipe
-from .score import item_problem, score
+from .score import score
 
 Event = Callable[[str, dict], None]
 PARTIAL = "examples.partial.jsonl"
@@ -214,16 +215,12 @@ def load_items(config: EvalConfig, tokenizer: Any) -> list[Item]:
         raise ReliefError(f"{data.path} has no {config.split} split (it has {', '.join(dataset.splits)}); "
                           "pass --split with one of those")
     records = dataset.splits[config.split]
-    raw_lines: dict[str, list[bytes]] = {}
-    raws = []
     for record in records:
-        lines = raw_lines.setdefault(record.file, Path(record.file).read_bytes().splitlines())
-        raw = json.loads(lines[record.line - 1])
-        problem = item_problem(raw)
-        if problem:
+        problems = scoring_problems(record.key_facts, record.must_not, record.rubric)
+        if record.key_facts is None or problems:
+            problem = problems[0] if problems else "has no key_facts"
             raise ReliefError(f"{record.where} {problem}; eval scores every {config.split} item on its key_facts: "
-                              "add them (schema: README, Evaluation) or pass another --split")
-        raws.append(raw)
+                              "add them (schema: datasets/emergency_relief/README.md) or pass another --split")
     present = sorted({r.category or config.split for r in records})
     unknown = [c for c in config.categories if c not in present]
     if unknown:
@@ -234,17 +231,15 @@ def load_items(config: EvalConfig, tokenizer: Any) -> list[Item]:
     chosen = _spread(chosen, [records[k].category or config.split for k in chosen], config.limit)
     tokenized = tokenize([records[k] for k in chosen], data.max_length, _render_options(data), data.mask, tokenizer)
     examples = {id(e.record): e for e in tokenized.examples}
-    items, seen = [], set()
+    items = []
     for k in chosen:
-        record, raw = records[k], raws[k]
-        item_id = str(raw.get("id") or f"{record.category or config.split}-{record.line}")
-        if item_id in seen:
-            raise ReliefError(f"{record.where}: id {item_id!r} is used twice; give each item its own id")
-        seen.add(item_id)
+        record = records[k]
+        item_id = f"{record.category or config.split}-{record.line}"
         last_user = max(n for n, m in enumerate(record.messages) if m["role"] == "user")
         items.append(Item(item_id, record.where, record.category or config.split, record.messages[:last_user + 1],
                           record.messages[-1]["content"],
-                          {k: raw[k] for k in ("key_facts", "must_not", "rubric") if k in raw},
+                          {"key_facts": record.key_facts, "must_not": record.must_not or [],
+                           "rubric": record.rubric or []},
                           examples.get(id(record))))
     return items
 

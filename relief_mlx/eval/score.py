@@ -176,48 +176,6 @@ def _regex(pattern: str) -> re.Pattern:
     return re.compile(pattern, re.IGNORECASE)
 
 
-# ---------------------------------------------------------------- the item schema
-
-
-def entry_problem(entry: Any, text_key: str) -> str | None:
-    """What is wrong with one key_facts (text_key "fact") or must_not ("claim") entry, or None."""
-    if not isinstance(entry, Mapping):
-        return "is not an object"
-    if not isinstance(entry.get(text_key), str) or not entry[text_key].strip():
-        return f"has no {text_key!r} text"
-    if ("any" in entry) == ("regex" in entry):
-        return "needs exactly one of 'any' (a list of surface forms) or 'regex'"
-    if "any" in entry:
-        forms = entry["any"]
-        if not isinstance(forms, list) or not forms or not all(isinstance(f, str) and normalize(f) for f in forms):
-            return "has 'any' that is not a non-empty list of non-empty strings"
-    else:
-        if not isinstance(entry["regex"], str) or not entry["regex"]:
-            return "has an empty 'regex'"
-        try:
-            _regex(entry["regex"])
-        except re.error as e:
-            return f"has a regex that does not compile ({e})"
-    if not isinstance(entry.get("negated_ok", False), bool):
-        return "has 'negated_ok' that is not true or false"
-    return None
-
-
-def item_problem(item: Mapping) -> str | None:
-    """What is wrong with a test item's key_facts / must_not, in a few words, or None."""
-    facts, must_not = item.get("key_facts"), item.get("must_not", [])
-    if not isinstance(facts, list) or not facts:
-        return "has no key_facts (a non-empty list of {fact, any|regex})"
-    if not isinstance(must_not, list):
-        return "has must_not that is not a list"
-    for key, entries, text_key in (("key_facts", facts, "fact"), ("must_not", must_not, "claim")):
-        for i, entry in enumerate(entries):
-            problem = entry_problem(entry, text_key)
-            if problem:
-                return f"{key}[{i}] {problem}"
-    return None
-
-
 # ---------------------------------------------------------------- scoring
 
 

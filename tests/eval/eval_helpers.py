@@ -55,6 +55,7 @@ WATER = {
     "key_facts": [
         {"fact": "15 L per person per day", "any": ["15 l/person/day", "15 litres per person per day"]},
         {"fact": "covers drinking, cooking and hygiene", "regex": "drinking.*cooking.*hygiene"},
+        {"fact": "a minimum to plan for", "any": ["at least", "a minimum of"]},
     ],
     "must_not": [],
 }
@@ -71,6 +72,7 @@ SPACE = {
     "key_facts": [
         {"fact": "3.5 m2 covered space per person", "any": ["3.5 m2", "3.5 square metres"]},
         {"fact": "covered space", "any": ["covered space", "covered area"]},
+        {"fact": "aim for it", "any": ["aim for", "plan for"]},
     ],
 }
 
@@ -100,6 +102,7 @@ FLOOD = {
     "key_facts": [
         {"fact": "do not drive through", "any": ["do not drive through", "dont drive through"]},
         {"fact": "30 cm of moving water floats a vehicle", "any": ["30 cm"]},
+        {"fact": "wait for the engineers", "any": ["wait for the engineers"]},
     ],
     "must_not": [{"claim": "it is fine to drive through", "any": ["drive through slowly"]}],
 }

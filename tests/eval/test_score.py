@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from eval_helpers import CHLORINE, GENERATOR, ITEMS, SPACE, WATER
 
+from relief_mlx.data.scoring import scoring_problems
 from relief_mlx.eval import normalize, score
-from relief_mlx.eval.score import item_problem
 
 
 @pytest.mark.parametrize("item", ITEMS, ids=lambda it: it["category"] + ":" + it["messages"][0]["content"][:20])
@@ -45,12 +45,12 @@ def test_units_and_spellings_of_a_concentration_match(answer):
     "15l per person per day for drinking and cooking and hygiene",
 ])
 def test_units_numbers_and_spellings_of_a_volume_match(answer):
-    assert score(answer, WATER).coverage == 1.0
+    assert set(score(answer, WATER).matched) >= {"15 L per person per day", "covers drinking, cooking and hygiene"}
 
 
 def test_area_spellings_and_a_multi_turn_item():
     for answer in ("3.5 m\u00b2 of covered space", "3.5 sq m of covered area", "3.5 square meters, covered space"):
-        assert score(answer, SPACE).coverage == 1.0, answer
+        assert score(answer, SPACE).matched[:2] == ("3.5 m2 covered space per person", "covered space"), answer
     assert score("35 m2 of covered space", SPACE).matched == ("covered space",)
 
 
@@ -111,14 +111,5 @@ def test_normalization_is_documented_behaviour():
     assert normalize("20 sq. ft. within 24-hours") == "20 sq ft within 24 h"
 
 
-@pytest.mark.parametrize("change,problem", [
-    ({"key_facts": []}, "has no key_facts"),
-    ({"key_facts": [{"fact": "x", "any": ["a"], "regex": "a"}]}, "key_facts[0] needs exactly one of"),
-    ({"key_facts": [{"fact": "x", "any": []}]}, "key_facts[0] has 'any' that is not a non-empty list"),
-    ({"key_facts": [{"fact": "x", "regex": "(unclosed"}]}, "key_facts[0] has a regex that does not compile"),
-    ({"must_not": [{"claim": "x", "any": ["a"], "negated_ok": "yes"}]}, "must_not[0] has 'negated_ok'"),
-    ({"must_not": [{"any": ["a"]}]}, "must_not[0] has no 'claim' text"),
-])
-def test_schema_problems_are_named(change, problem):
-    assert item_problem(CHLORINE) is None
-    assert item_problem({**CHLORINE, **change}).startswith(problem)
+def test_the_hand_written_items_follow_the_dataset_schema():
+    assert all(scoring_problems(it["key_facts"], it.get("must_not"), it.get("rubric")) == [] for it in ITEMS)

@@ -24,7 +24,9 @@ def write_dataset(folder: Path, n_train: int = 8, n_valid: int = 3) -> Path:
     rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
             for q, a in TOPICS]
     # test: one item with the key_facts `relief eval` (the [eval] section) scores
-    test = [rows[0] | {"category": "wash", "key_facts": [{"fact": "30 m from the latrines", "any": ["30 metres"]}]}]
+    test = [rows[0] | {"category": "wash", "key_facts": [
+        {"fact": "30 m from the latrines", "any": ["30 metres"]}, {"fact": "uphill", "any": ["uphill"]},
+        {"fact": "from the latrines", "any": ["latrines"]}]}]
     splits = {"train": rows[:n_train], "valid": rows[len(rows) - n_valid:], "test": test}
     for split, lines in splits.items():
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
