@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from ..choices import MASK_MODES, REASONING_EFFORTS
 from ..errors import ReliefError
 
 # Special ids of o200k_harmony (relief_mlx.checkpoint.tokenizer writes the same table).
@@ -59,9 +60,7 @@ KNOWLEDGE_CUTOFF = "2024-06"
 VALID_CHANNELS = (
     "# Valid channels: analysis, commentary, final. Channel must be included for every message."
 )
-REASONING_EFFORTS = ("low", "medium", "high")
 ROLES = ("system", "developer", "user", "assistant")
-MASK_MODES = ("final", "last", "final+analysis", "all")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
@@ -86,6 +85,11 @@ class RenderOptions:
             raise ReliefError(
                 f"current_date {self.current_date!r} is not YYYY-MM-DD; write it like 2025-06-01"
             )
+
+    @classmethod
+    def of(cls, data: Any) -> RenderOptions:
+        """The options a recipe's `[data]` section (`relief_mlx.recipe.DataSection`) renders with."""
+        return cls(reasoning_effort=data.reasoning_effort, current_date=data.current_date)
 
     def date(self) -> str:
         return self.current_date or datetime.date.today().isoformat()
