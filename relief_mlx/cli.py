@@ -355,19 +355,27 @@ def chat(**o) -> None:
 @cli.command()
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(),
               help="Folder for the demo's model, converted model and adapter (reused when complete).")
-@click.option("--recipe", default="recipes/mini.toml", show_default=True, type=click.Path())
-def demo(out: str, recipe: str) -> None:
+@click.option("--recipe", default="recipes/mini.toml", show_default=True,
+              help="Recipe file; a bundled name (recipes/mini.toml) works from any folder.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override a recipe value (repeatable), e.g. --set train.iterations=5.")
+@click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Tokens each of the two answers may generate.")
+def demo(out: str, recipe: str, overrides: tuple[str, ...], max_tokens: int) -> None:
     """Synthesize a mini gpt-oss, convert it, train LoRA on the bundled data, answer with and without it."""
     from .demo import run_demo
-    from .train.report import step_line, summary_lines
+    from .train.report import event_line, step_line, summary_lines
 
     def show(kind: str, event: dict) -> None:
         if kind == "step":
             click.echo("    " + step_line(event), err=True)
         elif kind == "done":
             click.echo("\n".join("    " + line for line in summary_lines(event)), err=True)
+        elif kind in ("load", "compile") and (line := event_line(kind, event)):
+            click.echo("    " + line, err=True)
 
-    result = run_demo(out, recipe, say=lambda line: click.echo(line, err=True), train_event=show)
+    result = run_demo(out, recipe, say=lambda line: click.echo(line, err=True), train_event=show,
+                      max_tokens=max_tokens, overrides=overrides)
     curve = " ".join(f"{loss:.2f}" for _, loss in result["summary"]["loss_curve"])
     click.echo(f"train loss by step: {curve}")
     for name, reply in result["answers"].items():

@@ -282,9 +282,13 @@ def apply_overrides(tables: dict[str, Any], overrides: list[str]) -> dict[str, A
 
 
 def read_tables(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+    """The tables of a recipe file; a name that is no file here may be a bundled recipe (`mini.toml`)."""
+    from . import bundled
+
+    path = bundled.resolve("recipes", path)
     if not path.is_file():
-        raise ReliefError(f"recipe {path} does not exist; pass a file from recipes/, e.g. recipes/mini.toml")
+        raise ReliefError(f"recipe {path} does not exist; pass a TOML file or a bundled recipe "
+                          f"({', '.join(bundled.names('recipes'))})")
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import bundled
 from ..errors import ReliefError
 from ..recipe import DataSection
 from .harmony import (
@@ -171,13 +172,13 @@ def _split_files(folder: Path) -> dict[str, Path]:
 
 
 def _resolve(path: str | Path) -> Path:
-    local = Path(path)
+    local = bundled.resolve("datasets", path)  # a bundled name when no such path exists
     if local.exists():
         return local
     if not _REPO_ID.fullmatch(str(path)):
         raise ReliefError(
-            f"{path} does not exist; pass a .jsonl file, a folder with train/valid/test.jsonl "
-            "or a Hub dataset id like owner/name"
+            f"{path} does not exist; pass a .jsonl file, a folder with train/valid/test.jsonl, "
+            f"a bundled dataset ({', '.join(bundled.names('datasets'))}) or a Hub dataset id like owner/name"
         )
     from huggingface_hub import snapshot_download
 
