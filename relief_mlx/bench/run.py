@@ -38,7 +38,7 @@ class BenchConfig:
     preset: str | None = None
     """Preset whose shapes get random weights in memory (experts MXFP4): mini, gpt-oss-20b-2l, -6l, gpt-oss-20b."""
     experts: str | None = None
-    """A preset's experts: mxfp4 (default, as published) or dense (dequantized to the model's dtype)."""
+    """A preset's experts: mxfp4 (default, as published) or the dtype the model runs in (dequantized)."""
     prompt_lengths: tuple[int, ...] = (128, 512, 2048)
     """Prompt lengths whose prefill is timed; decode follows the shortest."""
     gen_lengths: tuple[int, ...] = (128, 512)

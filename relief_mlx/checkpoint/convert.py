@@ -22,15 +22,14 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .. import hub
+from .. import choices, hub
 from ..errors import ReliefError
 from ..io import atomic_dir, write_json
 from .mxfp4 import GROUP_SIZE, QUANTIZATION
 from .presets import tensor_plan
 from .safetensors_header import read_header
 
-EXPERTS = ("auto", "mxfp4", "bfloat16", "float32")
-DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+DTYPES = {name: getattr(mx, name) for name in choices.DTYPES}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json")
 MANIFEST = "relief-manifest.json"
@@ -202,8 +201,9 @@ def _installed(package: str) -> bool:
 def convert(src: str | Path, out: str | Path, revision: str | None = None, experts: str = "auto",
             dtype: str = "bfloat16", overwrite: bool = False, progress: Progress | None = None) -> Path:
     """Convert `src` (folder or Hub id) to an MLX checkpoint at `out`. Returns `out`."""
-    if experts not in EXPERTS or dtype not in DTYPES:
-        raise ReliefError(f"--experts must be one of {EXPERTS} and --dtype one of {tuple(DTYPES)}")
+    if experts not in choices.EXPERT_FORMATS or dtype not in DTYPES:
+        raise ReliefError(f"--experts must be one of {', '.join(choices.EXPERT_FORMATS)} and --dtype one of "
+                          f"{', '.join(DTYPES)}")
     path, source = hub.resolve(src, revision)
     config = read_config(path)
     shards = source_shards(path)

@@ -18,7 +18,7 @@ TINY = ["bench", "--preset", "mini", "--prompt-lengths", "16", "--gen-lengths", 
 def compared(tmp_path_factory):
     """(CLI result, JSON) of one tiny run with --compare mlx-lm."""
     out = tmp_path_factory.mktemp("bench") / "compared.json"
-    result = CliRunner().invoke(cli, [*TINY, "--compare", "mlx-lm", "--out", str(out)])
+    result = CliRunner().invoke(cli, [*TINY, "--compare", "mlx-lm", "--results", str(out)])
     assert result.exit_code == 0, result.output
     return result, json.loads(out.read_text())
 
@@ -84,7 +84,7 @@ def test_no_matplotlib_means_no_chart(compared, tmp_path, monkeypatch):
 
 def test_without_compare_there_are_no_ratios(tmp_path):
     out = tmp_path / "alone.json"
-    result = CliRunner().invoke(cli, [*TINY, "--no-training", "--out", str(out)])
+    result = CliRunner().invoke(cli, [*TINY, "--no-training", "--results", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert list(data["generation"]["runners"]) == ["relief"]
@@ -102,7 +102,7 @@ def test_refuses_in_one_line_before_allocating(monkeypatch, tmp_path):
     monkeypatch.setattr(memory, "measure_bandwidth", must_not_run)
     monkeypatch.setattr(source, "build", must_not_run)
     monkeypatch.setattr("relief_mlx.doctor.diagnose", must_not_run)
-    result = CliRunner().invoke(cli, ["bench", "--preset", "gpt-oss-20b", "--out", str(tmp_path / "x.json")])
+    result = CliRunner().invoke(cli, ["bench", "--preset", "gpt-oss-20b", "--results", str(tmp_path / "x.json")])
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: preset gpt-oss-20b (synthesized) needs about ")
@@ -115,7 +115,8 @@ def test_refuses_in_one_line_before_allocating(monkeypatch, tmp_path):
     (["--preset", "mini", "--model", "x"], "exactly one of --model"),
     (["--preset", "mini", "--prompt-lengths", "0"], "--prompt-lengths"),
     (["--preset", "mini", "--compare", "vllm"], "vllm"),
-    (["--preset", "nano"], "unknown preset 'nano'"),
+    (["--preset", "nano"], "'nano' is not one of 'mini'"),
+    (["--preset", "mini", "--experts", "dense"], "'dense' is not one of 'auto', 'mxfp4', 'bfloat16', 'float32'"),
 ])
 def test_bad_options_are_one_line_errors(args, wrong):
     result = CliRunner().invoke(cli, ["bench", *args])

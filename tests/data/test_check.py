@@ -132,7 +132,7 @@ def test_show_marks_the_trained_text(clean, harmony_tokenizer):
 
 
 def test_cli_check_json_with_a_model_tokenizer(clean, tokenizer_dir):
-    args = ["data", "check", str(clean), "--model", str(tokenizer_dir), "--json"]
+    args = ["data", "check", str(clean), "--tokenizer", str(tokenizer_dir), "--json"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
@@ -158,6 +158,24 @@ def test_cli_bad_line_is_one_line_and_skip_invalid_counts(clean):
     result = CliRunner().invoke(cli, [*args, "--skip-invalid"])
     assert result.exit_code == 0 and "warn invalid line skipped: 1" in result.output
     assert result.output.splitlines()[-1] == "ok"
+
+
+def test_cli_takes_the_data_settings_of_a_recipe(clean, tmp_path):
+    """Regression: data check/show could not read a recipe, so their token counts could differ from training."""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[model]\npath = "m"\n[data]\npath = "{clean}"\nmax_length = 40\nmask = "last"\n')
+    by_recipe = json.loads(CliRunner().invoke(cli, ["data", "check", "--recipe", str(recipe), "--json"]).output)
+    by_hand = json.loads(CliRunner().invoke(cli, ["data", "check", str(clean), "--max-length", "40",
+                                                  "--mask", "last", "--json"]).output)
+    assert by_recipe == by_hand and by_recipe["max_length"] == 40
+    overridden = json.loads(CliRunner().invoke(cli, ["data", "check", "--recipe", str(recipe), "--max-length",
+                                                     "512", "--json"]).output)
+    assert overridden["max_length"] == 512
+    shown = CliRunner().invoke(cli, ["data", "show", "--recipe", str(recipe), "--index", "0", "--mask", "all"])
+    assert shown.exit_code == 0, shown.output
+    gone = CliRunner().invoke(cli, ["data", "check", str(clean), "--mask-mode", "final"])
+    assert gone.exit_code == 2 and "Did you mean '--mask'?" in gone.output
+    assert "pass a dataset PATH" in CliRunner().invoke(cli, ["data", "check"]).output
 
 
 def test_cli_show(clean):

@@ -262,6 +262,16 @@ def test_a_fresh_run_refuses_a_used_folder(make_recipe):
         train(recipe)
 
 
+def test_training_wires_the_model_memory_where_the_backend_recommends_it(make_recipe, monkeypatch):
+    """Metal's call path on any backend: the loop runs inside mlx-lm's wired_limit, which sets the
+    recommended working set from mx.device_info() and restores the old limit at the end."""
+    calls = []
+    monkeypatch.setattr(mx, "device_info", lambda: {"max_recommended_working_set_size": 5 * 2**30})
+    monkeypatch.setattr(mx, "set_wired_limit", lambda n: calls.append(n) or 0)
+    train(make_recipe("train.iterations=1"))
+    assert calls == [5 * 2**30, 0]
+
+
 def test_a_finished_run_is_extended_with_more_iterations(make_recipe):
     """Regression: the whole recipe was the resume identity, so --set train.iterations was refused."""
     first = train(make_recipe("train.iterations=2", "validation.every=1"))
