@@ -532,7 +532,7 @@ def bench(model: str | None, preset: str | None, experts: str | None, prompt_len
                          gen_lengths=gen_lengths, trials=trials, prefill_chunk=prefill_chunk,
                          training=not no_training, recipe=recipe, train_seq=train_seq, compare=compare, seed=seed,
                          bandwidth_mib=bandwidth_mib)
-    result = run_bench(config, on_event=lambda message: click.echo(f"bench: {message}", err=True))
+    result = run_bench(config, say=lambda message: click.echo(f"bench: {message}", err=True))
     click.echo(format_table(result))
     if results:
         click.echo(f"results -> {write(result, results)}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,14 +19,12 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import hub
-from ..checkpoint.convert import map_tensors, mlx_config
+from ..checkpoint.convert import Progress, map_tensors, mlx_config
 from ..checkpoint.inspect import model_config
 from ..checkpoint.presets import PRESETS, hf_config, tensor_plan
 from ..choices import EXPERT_FORMATS
 from ..errors import ReliefError
 from ..model.load import build_model, default_dtype, read_weights
-
-Progress = Callable[[int, int, str], None]
 
 
 @dataclass(frozen=True)

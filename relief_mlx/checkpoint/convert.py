@@ -34,6 +34,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "generation_config.json")
 MANIFEST = "relief-manifest.json"
 Progress = Callable[[int, int, str], None]
+"""`progress(done, total, item)` of long work (convert, synth, a bench's model build): the CLI draws a bar."""
 
 
 def read_config(path: Path) -> dict:

@@ -1,4 +1,5 @@
-"""Harmony rendering: conversations -> token ids + a per-token training mask, and back.
+"""Harmony rendering: conversations -> token ids + a per-token training mask (parsing generated
+tokens back into messages is `relief_mlx.generate.harmony_stream`).
 
 A message renders as `<|start|>{role}[<|channel|>{channel}]<|message|>{content}{closer}`. Text
 pieces go through the tokenizer's plain encode (text that looks like `<|end|>` stays text, as in
@@ -348,50 +349,15 @@ def render_prompt(messages: list[dict], options: RenderOptions, tokenizer: Any =
     return [*ids, START, *tok.encode("assistant")]
 
 
-# ---------------------------------------------------------------- parsing
+# ---------------------------------------------------------------- parsed messages
 
 
 @dataclass(frozen=True)
 class ParsedMessage:
-    """One message parsed from generated tokens."""
+    """One message parsed from generated tokens (by `relief_mlx.generate.harmony_stream`)."""
 
     role: str
     channel: str | None
     content: str
     recipient: str | None = None
     complete: bool = True  # False when generation stopped before the closer
-
-
-def parse_completion(tokens: Sequence[int], tokenizer: Any = None) -> list[ParsedMessage]:
-    """Parse what the model generated after a `render_prompt` prompt (which ended in
-    `<|start|>assistant`) into messages; a trailing unfinished message has complete=False."""
-    tok = resolve_tokenizer(tokenizer)
-    messages: list[ParsedMessage] = []
-    header, body, in_body = tok.encode("assistant"), [], False  # the prompt opened message 1
-    for t in tokens:
-        if t == MESSAGE and not in_body:
-            in_body = True
-        elif t in (END, RETURN, CALL) and in_body:
-            messages.append(_parsed(tok, header, body, complete=True))
-            header, body, in_body = [], [], False
-        elif t == START:
-            header, body, in_body = [], [], False
-        elif in_body:
-            body.append(t)
-        else:
-            header.append(t)
-    if in_body:
-        messages.append(_parsed(tok, header, body, complete=False))
-    return messages
-
-
-def _parsed(
-    tok: HarmonyTokenizer, header: list[int], body: list[int], complete: bool
-) -> ParsedMessage:
-    # Header: "role[ to=recipient]" then optionally <|channel|>"channel[ to=recipient]".
-    head, _, chan = tok.decode([t for t in header if t != CONSTRAIN]).partition("<|channel|>")
-    words = (head + " " + chan).split()
-    recipient = next((w[3:] for w in words if w.startswith("to=")), None)
-    role = head.split()[0] if head.split() else "assistant"
-    channel = chan.split()[0] if chan.split() else None
-    return ParsedMessage(role, channel, tok.decode(body), recipient, complete)
