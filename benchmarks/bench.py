@@ -43,7 +43,7 @@ def main() -> None:
     for k in range(1, args.runs + 1):
         out = Path(f"{stem}-run{k}.json")
         command = [sys.executable, "-m", "relief_mlx", "bench", "--preset", args.preset, "--compare", "mlx-lm",
-                   "--out", str(out), *args.extra]
+                   "--results", str(out), *args.extra]
         print(f"run {k}/{args.runs}: {' '.join(command[1:])}", file=sys.stderr)
         subprocess.run(command, check=True, cwd=ROOT)
         results.append(json.loads(out.read_text()))

@@ -17,7 +17,6 @@ import mlx.core as mx
 
 from .checkpoint.convert import MANIFEST, convert
 from .checkpoint.synth import synth
-from .errors import ReliefError
 
 Say = Callable[[str], None]
 QUESTION = ("A flash flood displaced 600 people into a school gym tonight. I'm the shelter manager. "
@@ -25,17 +24,19 @@ QUESTION = ("A flash flood displaced 600 people into a school gym tonight. I'm t
 
 
 def run_demo(out: str | Path, recipe: str | Path, say: Say, train_event=None, max_tokens: int = 64,
-             eval_items: int = 4, eval_event=None) -> dict:
-    """Run every step; returns what each produced (paths, loss curve, answers, eval summary)."""
+             overrides: tuple[str, ...] = (), eval_items: int = 4, eval_event=None) -> dict:
+    """Run every step; returns what each produced (paths, loss curve, answers, eval summary).
+    `recipe` is a file or a bundled recipe (`recipes/mini.toml` works from any folder);
+    `overrides` are `--set section.key=value` on top of it."""
     from .eval.run import EvalConfig, evaluate
     from .generate.engine import Engine, GenerateConfig, answer
     from .recipe import load_recipe
     from .train import train
 
     out = Path(out)
-    if not Path(recipe).is_file():
-        raise ReliefError(f"recipe {recipe} not found; run the demo from the repository root or pass --recipe")
     hf, model, adapter = out / "mini-hf", out / "mini", out / "adapter"
+    # read first: a bad recipe or --set fails before anything is written
+    resolved = load_recipe(recipe, (*overrides, f"model.path={model}", f"output.dir={adapter}"))
 
     if not (hf / "model.safetensors.index.json").is_file():
         say(f"1/5 synth: a random-weight gpt-oss (preset mini) in the Hub layout -> {hf}")
@@ -47,7 +48,6 @@ def run_demo(out: str | Path, recipe: str | Path, say: Say, train_event=None, ma
         convert(hf, model, experts="float32" if cpu else "auto", dtype="float32" if cpu else "bfloat16")
     if not (adapter / "summary.json").is_file():
         say(f"3/5 train: {recipe} on the bundled dataset -> {adapter}")
-        resolved = load_recipe(recipe, (f"model.path={model}", f"output.dir={adapter}"))
         train(resolved, resume=adapter if (adapter / "checkpoint").exists() else None, on_event=train_event)
     summary = json.loads((adapter / "summary.json").read_text())
 
@@ -63,8 +63,7 @@ def run_demo(out: str | Path, recipe: str | Path, say: Say, train_event=None, ma
                          "decode_tps": reply.decode_tps, "tokens": reply.generated_tokens}
 
     say(f"5/5 eval: base vs adapter on {eval_items} test items, {max_tokens} tokens each -> {out / 'eval'}")
-    data = load_recipe(recipe, (f"model.path={model}",)).data
-    report = evaluate(EvalConfig(model=str(model), adapters=(str(adapter),), data=data, out=str(out / "eval"),
+    report = evaluate(EvalConfig(model=str(model), adapters=(str(adapter),), data=resolved.data, out=str(out / "eval"),
                                  limit=eval_items, max_tokens=max_tokens, batch_size=eval_items), eval_event)
     return {"checkpoint": str(model), "adapter": str(adapter), "summary": summary, "answers": answers,
             "eval": {"sentences": report.summary["sentences"], "report": str(report.files["report"])}}

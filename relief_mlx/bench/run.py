@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import mlx.core as mx
@@ -20,13 +19,12 @@ from ..errors import ReliefError
 from ..generate.loop import DEFAULT_PREFILL_CHUNK
 from ..model.load import default_dtype
 from . import memory, source
-from .generation import bench_generation
+from .generation import Say, bench_generation
 from .stats import paired_ratio
 from .training import bench_training, train_shape
 
 FORMAT = "relief-bench/1"
 COMPARE = ("mlx-lm",)
-Event = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -38,7 +36,7 @@ class BenchConfig:
     preset: str | None = None
     """Preset whose shapes get random weights in memory (experts MXFP4): mini, gpt-oss-20b-2l, -6l, gpt-oss-20b."""
     experts: str | None = None
-    """A preset's experts: mxfp4 (default, as published) or dense (dequantized to the model's dtype)."""
+    """A preset's experts: mxfp4 (default, as published) or the dtype the model runs in (dequantized)."""
     prompt_lengths: tuple[int, ...] = (128, 512, 2048)
     """Prompt lengths whose prefill is timed; decode follows the shortest."""
     gen_lengths: tuple[int, ...] = (128, 512)
@@ -76,9 +74,9 @@ class BenchConfig:
             raise ReliefError(f"--compare {unknown[0]} is not supported; choose one of {', '.join(COMPARE)}")
 
 
-def run_bench(config: BenchConfig, on_event: Event | None = None) -> dict:
+def run_bench(config: BenchConfig, say: Say | None = None) -> dict:
     """Measure generation (and LoRA training) speed and memory of one model; see module doc."""
-    say = on_event or (lambda message: None)
+    say = say or (lambda message: None)
     runners = ("relief", *config.compare)
     src = source.describe(config.model, config.preset, config.experts)
     dtype = default_dtype()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +19,12 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import hub
-from ..checkpoint.convert import map_tensors, mlx_config
+from ..checkpoint.convert import Progress, map_tensors, mlx_config
 from ..checkpoint.inspect import model_config
 from ..checkpoint.presets import PRESETS, hf_config, tensor_plan
+from ..choices import EXPERT_FORMATS
 from ..errors import ReliefError
-from ..model.load import build_model, read_weights
-
-Progress = Callable[[int, int, str], None]
+from ..model.load import build_model, default_dtype, read_weights
 
 
 @dataclass(frozen=True)
@@ -48,14 +47,19 @@ class Source:
 
 def describe(model: str | None, preset: str | None, experts: str | None = None) -> Source:
     """The source named by exactly one of `model` (folder or Hub id) and `preset`; a preset's
-    experts are MXFP4 (as published) or, with `experts="dense"`, dequantized to the model's dtype."""
+    experts are MXFP4 (as published; `auto` too) or dequantized to the dtype the model runs in
+    here (`float32` on CPU, `bfloat16` on GPUs: the bench casts every float weight to it)."""
     if (model is None) == (preset is None):
         raise ReliefError("pass exactly one of --model (a converted folder) and --preset "
                           f"({', '.join(PRESETS)})")
-    if experts not in (None, "mxfp4", "dense"):
-        raise ReliefError(f"--experts {experts} is not valid; choose mxfp4 or dense")
+    if experts not in (None, *EXPERT_FORMATS):
+        raise ReliefError(f"--experts {experts} is not valid; choose one of {', '.join(EXPERT_FORMATS)}")
+    runs_in = str(default_dtype()).removeprefix("mlx.core.")
+    if experts not in (None, "auto", "mxfp4", runs_in):
+        raise ReliefError(f"--experts {experts}: this backend runs the bench in {runs_in}, so dense experts are "
+                          f"{runs_in}; pass --experts {runs_in} or mxfp4")
     if preset is not None:
-        config = mlx_config(hf_config(preset), experts or "mxfp4")
+        config = mlx_config(hf_config(preset), "mxfp4" if experts in (None, "auto", "mxfp4") else experts)
         return Source(f"preset {preset} (synthesized)", config, preset=preset)
     if experts is not None:
         raise ReliefError("--experts applies to --preset; a converted folder's experts are what "

@@ -24,7 +24,7 @@ import numpy as np
 from mlx.utils import tree_map
 
 from ..recipe import LoraSection, TrainSection, load_recipe
-from .generation import Event, random_prompt
+from .generation import Say, random_prompt
 from .stats import summarize
 
 # The seed replica's LoRA: rank 8, alpha 16 on q_proj and v_proj of every layer, batch 1, 512 tokens.
@@ -125,7 +125,7 @@ STEPS: dict[str, Callable[[nn.Module, TrainShape, int], Callable[[], None]]] = {
 
 
 def bench_training(model: nn.Module, runners: Sequence[str], shape: TrainShape, trials: int, seed: int = 0,
-                   on_event: Event | None = None) -> dict[str, dict]:
+                   say: Say | None = None) -> dict[str, dict]:
     """{runner: {"tokens_per_s", "step_s", "peak_memory_bytes"}} for the LoRA step of `shape`.
 
     The model must already carry the LoRA layers (`train.targets.apply_lora`). Each runner takes
@@ -133,7 +133,7 @@ def bench_training(model: nn.Module, runners: Sequence[str], shape: TrainShape, 
     an order that flips every trial.
     Their trainable weights move, which does not change the work of a step.
     """
-    say = on_event or (lambda message: None)
+    say = say or (lambda message: None)
     model.train()
     steps = {}
     for name in runners:

@@ -51,24 +51,34 @@ def build_model(config: dict, weights: dict[str, mx.array], dtype: mx.Dtype | No
 
 
 def load(path: str | Path, adapter: str | Path | None = None, dtype: mx.Dtype | None = None,
-         lazy: bool = False):
+         lazy: bool = False, wrapper: bool = True):
     """Load a converted checkpoint (folder or Hub id) and its tokenizer: `(model, tokenizer)`.
 
-    `adapter` is a LoRA adapter folder written by `relief train` or `mlx_lm.lora`.
+    `adapter` is a LoRA adapter folder written by `relief train` or `mlx_lm.lora`. The tokenizer
+    is mlx-lm's TokenizerWrapper, or with `wrapper=False` relief's `HarmonyTokenizer` alone
+    (what training and Harmony parsing use; building mlx-lm's wrapper too costs seconds).
     """
-    from mlx_lm.utils import load_tokenizer
-
     path, _ = hub.resolve(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ReliefError(f"{path} has no config.json; pass a folder written by `relief convert`")
     config = json.loads(config_file.read_text())
-    model = build_model(config, read_weights(path), dtype)
+    weights = read_weights(path)
+    try:
+        model = build_model(config, weights, dtype)
+    except ReliefError as e:  # name the folder whose weights do not fit
+        raise ReliefError(f"{path}: {e}") from None
     if adapter is not None:
         from .lora import apply_adapter
 
         apply_adapter(model, adapter)
     if not lazy:
         mx.eval(model.parameters())
+    if not wrapper:
+        from ..data.harmony import HarmonyTokenizer
+
+        return model, HarmonyTokenizer.from_dir(path)
+    from mlx_lm.utils import load_tokenizer
+
     eos = [config["eos_token_id"]] if isinstance(config.get("eos_token_id"), int) else config.get("eos_token_id")
     return model, load_tokenizer(path, eos_token_ids=eos)

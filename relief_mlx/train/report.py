@@ -32,6 +32,11 @@ def event_line(kind: str, e: dict) -> str | None:
         return (f"training {e['trainable']:,} LoRA parameters on {counts['examples']} examples "
                 f"({counts['trained_tokens']:,} trained tokens; {counts['dropped']} dropped as too long) "
                 f"for {e['steps']} steps on {e['world']} rank(s){resumed} -> {e['run']}")
+    if kind == "load":
+        return f"loading {e['model']} ..."
+    if kind == "compile":
+        return (f"step {e['step']}: compiling the micro-step (mx.compile traces each new padded shape; "
+                "the first step can take a minute on a CPU) ...")
     if kind == "validation":
         mark = " (best so far)" if e["best"] else f" (best {e['best_loss']:.4f})"
         return f"step {e['step']}: validation loss {e['val_loss']:.4f}{mark}"

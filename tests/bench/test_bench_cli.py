@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import sys
 
+import mlx.core as mx
 import pytest
 from click.testing import CliRunner
 
+from relief_mlx.checkpoint.presets import count_parameters, hf_config
 from relief_mlx.cli import cli
 
 TINY = ["bench", "--preset", "mini", "--prompt-lengths", "16", "--gen-lengths", "8", "--trials", "1",
@@ -18,7 +20,7 @@ TINY = ["bench", "--preset", "mini", "--prompt-lengths", "16", "--gen-lengths", 
 def compared(tmp_path_factory):
     """(CLI result, JSON) of one tiny run with --compare mlx-lm."""
     out = tmp_path_factory.mktemp("bench") / "compared.json"
-    result = CliRunner().invoke(cli, [*TINY, "--compare", "mlx-lm", "--out", str(out)])
+    result = CliRunner().invoke(cli, [*TINY, "--compare", "mlx-lm", "--results", str(out)])
     assert result.exit_code == 0, result.output
     return result, json.loads(out.read_text())
 
@@ -34,11 +36,16 @@ def test_tiny_run_writes_sane_figures(compared):
     assert prefill["prompt_tokens"] == 16 and prefill["tokens_per_s"]["median"] > 0
     assert 0 < prefill["ttft_s"]["median"] < 60
     assert decode["generated_tokens"] == 8 and decode["tokens_per_s"]["median"] > 0
-    assert decode["bytes_per_token"]["total"] > decode["bytes_per_token"]["lm_head"] == 201_088 * 128 * 4
+    # float weights run in float32 on the CPU backend (its gather_mm), bfloat16 on GPUs
+    dtype_bytes = 4 if mx.default_device() == mx.cpu else 2
+    assert data["model"]["dtype"] == {4: "float32", 2: "bfloat16"}[dtype_bytes]
+    assert decode["bytes_per_token"]["total"] > decode["bytes_per_token"]["lm_head"] == 201_088 * 128 * dtype_bytes
     speed = decode["tokens_per_s"]["median"]
     assert decode["bandwidth_fraction"] == pytest.approx(speed / decode["ceiling_tokens_per_s"])
     weights = data["model"]["weights_bytes"]
-    assert 0.2e9 < weights < 0.22e9  # the mini preset in float32 with MXFP4 experts: 208 MB
+    counts = count_parameters(hf_config("mini"))  # MXFP4: 4.25 bits a value (a scale per 32)
+    expected = counts["experts"] * 4.25 / 8 + (counts["total"] - counts["experts"]) * dtype_bytes
+    assert weights == pytest.approx(expected, rel=0.03)  # 208 MB in float32, 105 MB in bfloat16
     assert data["model"]["build_peak_bytes"] < 1.1 * weights  # built a tensor at a time, not twice
     assert prefill["peak_memory_bytes"] >= weights
     training = data["training"]
@@ -84,7 +91,7 @@ def test_no_matplotlib_means_no_chart(compared, tmp_path, monkeypatch):
 
 def test_without_compare_there_are_no_ratios(tmp_path):
     out = tmp_path / "alone.json"
-    result = CliRunner().invoke(cli, [*TINY, "--no-training", "--out", str(out)])
+    result = CliRunner().invoke(cli, [*TINY, "--no-training", "--results", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert list(data["generation"]["runners"]) == ["relief"]
@@ -102,7 +109,7 @@ def test_refuses_in_one_line_before_allocating(monkeypatch, tmp_path):
     monkeypatch.setattr(memory, "measure_bandwidth", must_not_run)
     monkeypatch.setattr(source, "build", must_not_run)
     monkeypatch.setattr("relief_mlx.doctor.diagnose", must_not_run)
-    result = CliRunner().invoke(cli, ["bench", "--preset", "gpt-oss-20b", "--out", str(tmp_path / "x.json")])
+    result = CliRunner().invoke(cli, ["bench", "--preset", "gpt-oss-20b", "--results", str(tmp_path / "x.json")])
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: preset gpt-oss-20b (synthesized) needs about ")
@@ -115,7 +122,8 @@ def test_refuses_in_one_line_before_allocating(monkeypatch, tmp_path):
     (["--preset", "mini", "--model", "x"], "exactly one of --model"),
     (["--preset", "mini", "--prompt-lengths", "0"], "--prompt-lengths"),
     (["--preset", "mini", "--compare", "vllm"], "vllm"),
-    (["--preset", "nano"], "unknown preset 'nano'"),
+    (["--preset", "nano"], "'nano' is not one of 'mini'"),
+    (["--preset", "mini", "--experts", "dense"], "'dense' is not one of 'auto', 'mxfp4', 'bfloat16', 'float32'"),
 ])
 def test_bad_options_are_one_line_errors(args, wrong):
     result = CliRunner().invoke(cli, ["bench", *args])
@@ -129,7 +137,11 @@ def test_agreement_compares_min_max_ranges(compared):
     from relief_mlx.bench.report import agreement, markdown
 
     _, data = compared
-    assert all(row["agree"] for row in agreement(data, data))
+    within = copy.deepcopy(data)  # another run whose medians moved inside the first run's min-max
+    speed = within["generation"]["runners"]["relief"]["decode"][0]["tokens_per_s"]
+    speed.update(median=(speed["min"] + speed["max"]) / 2, min=speed["min"] * 0.99, max=speed["max"] * 1.01)
+    rows = {row["figure"]: row["agree"] for row in agreement(data, within)}
+    assert rows["relief decode 8 tok/s"] is True and all(rows.values())
     faster = copy.deepcopy(data)
     speed = faster["generation"]["runners"]["relief"]["decode"][0]["tokens_per_s"]
     speed.update(median=speed["max"] * 3, min=speed["max"] * 2, max=speed["max"] * 4)

@@ -10,6 +10,7 @@ from relief_mlx.bench import memory, source
 from relief_mlx.checkpoint.convert import mlx_config
 from relief_mlx.checkpoint.presets import hf_config
 from relief_mlx.errors import ReliefError
+from relief_mlx.model.load import default_dtype
 
 MINI = mlx_config(hf_config("mini"), "mxfp4")  # 4 layers S F S F, h = i = 128, 8 experts top-4, 4 q / 2 kv heads of 64
 
@@ -100,9 +101,9 @@ def test_a_hugging_face_folder_is_refused_before_anything_runs(mini_hf):
 
 
 def test_dense_preset_experts_are_the_mxfp4_ones_dequantized():
-    """`--experts dense` times the same weights as the default, only stored dense."""
+    """`--experts float32` (CPU) times the same weights as the default, only stored dense."""
     packed = source.build(source.describe(None, "mini"), mx.float32, seed=2)
-    dense_src = source.describe(None, "mini", "dense")
+    dense_src = source.describe(None, "mini", str(default_dtype()).removeprefix("mlx.core."))
     assert not dense_src.mxfp4
     dense = source.build(dense_src, mx.float32, seed=2)
     q = packed.model.layers[1].mlp.experts.down_proj
@@ -114,6 +115,9 @@ def test_dense_preset_experts_are_the_mxfp4_ones_dequantized():
 
 def test_experts_option_is_for_presets_only(mini_mlx):
     with pytest.raises(ReliefError, match="--experts applies to --preset"):
-        source.describe(str(mini_mlx), None, "dense")
-    with pytest.raises(ReliefError, match="choose mxfp4 or dense"):
+        source.describe(str(mini_mlx), None, "mxfp4")
+    with pytest.raises(ReliefError, match="choose one of auto, mxfp4, bfloat16, float32"):
         source.describe(None, "mini", "int8")
+    other = "bfloat16" if default_dtype() == mx.float32 else "float32"
+    with pytest.raises(ReliefError, match=f"pass --experts {str(default_dtype()).removeprefix('mlx.core.')} or mxfp4"):
+        source.describe(None, "mini", other)

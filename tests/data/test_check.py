@@ -247,7 +247,7 @@ def test_scenario_pairs_threshold():
 
 
 def test_cli_check_json_with_a_model_tokenizer(clean, tokenizer_dir):
-    args = ["data", "check", str(clean), "--model", str(tokenizer_dir), "--json"]
+    args = ["data", "check", str(clean), "--tokenizer", str(tokenizer_dir), "--json"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
@@ -291,6 +291,24 @@ def test_cli_check_names_every_failure(scored):
     assert f"FAIL bad scoring field: 1\n  {test_file}:1  (key_facts[2] needs exactly one" in result.output
     assert f"FAIL same scenario in two splits: 1\n  {train_file}:5 = {test_file}:1  (similarity" in result.output
     assert result.output.splitlines()[-1] == "check failed: 3 finding(s) marked FAIL above"
+
+
+def test_cli_takes_the_data_settings_of_a_recipe(clean, tmp_path):
+    """Regression: data check/show could not read a recipe, so their token counts could differ from training."""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[model]\npath = "m"\n[data]\npath = "{clean}"\nmax_length = 40\nmask = "last"\n')
+    by_recipe = json.loads(CliRunner().invoke(cli, ["data", "check", "--recipe", str(recipe), "--json"]).output)
+    by_hand = json.loads(CliRunner().invoke(cli, ["data", "check", str(clean), "--max-length", "40",
+                                                  "--mask", "last", "--json"]).output)
+    assert by_recipe == by_hand and by_recipe["max_length"] == 40
+    overridden = json.loads(CliRunner().invoke(cli, ["data", "check", "--recipe", str(recipe), "--max-length",
+                                                     "512", "--json"]).output)
+    assert overridden["max_length"] == 512
+    shown = CliRunner().invoke(cli, ["data", "show", "--recipe", str(recipe), "--index", "0", "--mask", "all"])
+    assert shown.exit_code == 0, shown.output
+    gone = CliRunner().invoke(cli, ["data", "check", str(clean), "--mask-mode", "final"])
+    assert gone.exit_code == 2 and "Did you mean '--mask'?" in gone.output
+    assert "pass a dataset PATH" in CliRunner().invoke(cli, ["data", "check"]).output
 
 
 def test_cli_show(clean):

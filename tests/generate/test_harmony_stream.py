@@ -13,7 +13,6 @@ from relief_mlx.data.harmony import (
     MESSAGE,
     RETURN,
     START,
-    parse_completion,
 )
 from relief_mlx.generate.harmony_stream import Delta, HarmonyStream, parse_tokens
 
@@ -38,7 +37,24 @@ def test_analysis_then_final(tok):
     assert stream.done and stream.stop_token == RETURN
     assert stream.text("final") == "Boil water for one minute."
     assert [(m.channel, m.complete) for m in stream.messages] == [("analysis", True), ("final", True)]
-    assert stream.messages == parse_completion(tokens, tok)  # agrees with the batch parser
+    assert stream.messages == parse_tokens(tokens, tok.decode).messages  # the whole-list parse agrees
+
+
+def test_parsing_matches_openai_harmony(tok, harmony_encoding):
+    harmony = pytest.importorskip("openai_harmony")
+    text = ("<|channel|>analysis<|message|>Check ERG 115.<|end|>"
+            "<|start|>assistant<|channel|>final<|message|>Isolate 100 m.<|return|>")
+    tokens = harmony_encoding.encode(text, allowed_special="all")
+    ours = parse_tokens(tokens, tok.decode).messages
+    ref = harmony_encoding.parse_messages_from_completion_tokens(tokens, harmony.Role.ASSISTANT)
+    assert [(m.channel, m.content) for m in ours] == [(m.channel, m.content[0].text) for m in ref]
+    assert all(m.complete and m.role == "assistant" for m in ours)
+
+
+def test_an_unfinished_message_is_kept_incomplete(tok):
+    tokens = [CHANNEL, *tok.encode("final"), MESSAGE, *tok.encode("Evacuate now")]
+    (msg,) = parse_tokens(tokens, tok.decode).messages
+    assert (msg.channel, msg.content, msg.complete) == ("final", "Evacuate now", False)
 
 
 def test_channel_name_split_across_tokens(tok):

@@ -114,3 +114,15 @@ def test_empty_prompt_is_a_relief_error(mini_loaded):
     model, _ = mini_loaded
     with pytest.raises(ReliefError, match="no tokens"):
         next(generate_tokens(model, [], max_tokens=3))
+
+
+def test_feed_returns_each_prefill_chunk_to_the_os(mini_loaded, monkeypatch):
+    """As mlx-lm's prefill: the buffer cache is cleared after every chunk, so on a Mac the chunks'
+    activations do not stay cached beside the model."""
+    from relief_mlx.generate.loop import feed
+
+    cleared = []
+    monkeypatch.setattr(mx, "clear_cache", lambda: cleared.append(1))
+    model = mini_loaded[0]
+    feed(model, random_prompt(70), model.make_cache(), chunk=32)
+    assert len(cleared) == 3  # 32 + 32 + 6 tokens
