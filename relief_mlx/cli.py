@@ -10,12 +10,13 @@ converted model, `--tokenizer` a folder holding tokenizer.json; `--preset`, `--e
 from __future__ import annotations
 
 import sys
+import warnings
 
 import click
 
 from .checkpoint.presets import PRESETS
 from .choices import DTYPES, EXPERT_FORMATS, MASK_MODES, REASONING_EFFORTS
-from .errors import ReliefError
+from .errors import ReliefError, ReliefWarning
 
 # Commands that finish in seconds whatever the BLAS; every other one gets the slow-BLAS notice.
 _QUICK = ("doctor", "inspect", "data", "synth", "convert")
@@ -28,7 +29,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except ReliefError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {one_line(str(e))}", err=True)
             sys.exit(1)
 
 
@@ -37,6 +38,7 @@ class _Group(click.Group):
 @click.pass_context
 def cli(ctx: click.Context) -> None:
     """Fine-tune gpt-oss into an emergency-relief assistant with MLX, and run it."""
+    _one_line_warnings()
     if ctx.invoked_subcommand not in _QUICK and (line := _slow_blas_notice()):
         click.echo(line, err=True)
 
@@ -54,7 +56,45 @@ def main() -> None:
     from .blas import ensure_fast_blas
 
     ensure_fast_blas()
+    _stop_on_sigterm()
     cli()
+
+
+# --- safety (relief_mlx.io: warnings and signals) ------------------------------------------
+def one_line(message: str, limit: int = 2000) -> str:
+    """An error or warning as one printable line: what hostile input put in it (a line break in a
+    key, a megabyte of value) is escaped or cut, never echoed raw."""
+    text = message.encode("unicode_escape").decode("ascii") if not message.isprintable() else message
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _one_line_warnings() -> None:
+    """A ReliefWarning (a stale lock taken over, a damaged checkpoint passed over) prints as one
+    line on stderr, like an error; other warnings keep Python's format."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, ReliefWarning):
+            click.echo(f"warning: {one_line(str(message))}", err=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    warnings.simplefilter("always", ReliefWarning)
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C (`relief train` installs its own handler and checkpoints first),
+    so every writer removes its partial output on the way out: exit 143, one line."""
+    import signal
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends at once
+        click.echo("stopped by SIGTERM; partial output removed, nothing complete was touched", err=True)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+# --- end safety -----------------------------------------------------------------------------
 
 
 @cli.command()
@@ -463,7 +503,9 @@ def demo(out: str, recipe: str, overrides: tuple[str, ...], max_tokens: int) -> 
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override a recipe value (repeatable), e.g. --set train.learning_rate=2e-4.")
 @click.option("--resume", type=click.Path(), help="Continue the run folder RUN_DIR where its checkpoint left off.")
-def train(recipe: str | None, overrides: tuple[str, ...], resume: str | None) -> None:
+@click.option("--overwrite", is_flag=True, help="Start over in an output.dir that already holds a run (its files "
+              "are deleted).")
+def train(recipe: str | None, overrides: tuple[str, ...], resume: str | None, overwrite: bool) -> None:
     """Fine-tune with LoRA as RECIPE (a TOML file, e.g. recipes/mini.toml) says; prints the run folder."""
     from .recipe import load_recipe
     from .train import resume_recipe
@@ -472,6 +514,8 @@ def train(recipe: str | None, overrides: tuple[str, ...], resume: str | None) ->
 
     if resume is None and recipe is None:
         raise ReliefError("pass a recipe (e.g. recipes/mini.toml) or --resume RUN_DIR")
+    if resume and overwrite:
+        raise ReliefError("--resume continues a run and --overwrite starts one over; pass one of them")
     resolved = resume_recipe(resume, recipe, overrides) if resume else load_recipe(recipe, overrides)
     live = sys.stderr.isatty()
 
@@ -483,7 +527,7 @@ def train(recipe: str | None, overrides: tuple[str, ...], resume: str | None) ->
         elif line := event_line(kind, event):
             click.echo(("\n" if live and kind != "start" else "") + line, err=True)
 
-    result = run(resolved, resume=resume, on_event=show)
+    result = run(resolved, resume=resume, on_event=show, overwrite=overwrite)
     click.echo(f"adapters -> {result.run_dir}")
     if result.status == "interrupted":
         click.echo(f"interrupted at step {result.summary['steps']}; continue with "

@@ -48,7 +48,9 @@ def run_demo(out: str | Path, recipe: str | Path, say: Say, train_event=None, ma
         convert(hf, model, experts="float32" if cpu else "auto", dtype="float32" if cpu else "bfloat16")
     if not (adapter / "summary.json").is_file():
         say(f"3/5 train: {recipe} on the bundled dataset -> {adapter}")
-        train(resolved, resume=adapter if (adapter / "checkpoint").exists() else None, on_event=train_event)
+        from .train.state import is_run
+
+        train(resolved, resume=adapter if is_run(adapter) else None, on_event=train_event)
     summary = json.loads((adapter / "summary.json").read_text())
 
     say(f"4/5 generate: {QUESTION!r}")

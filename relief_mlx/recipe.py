@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -25,11 +26,12 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 SCHEDULES = ("cosine", "linear", "constant")
+MAX_RECIPE_BYTES = 1 << 20
 
 
 def _check(ok: bool, key: str, value: Any, need: str) -> None:
     if not ok:
-        raise ReliefError(f"{key} = {value!r} is invalid: it must be {need}")
+        raise ReliefError(f"{key} = {value!r:.80} is invalid: it must be {need}")
 
 
 @dataclass(frozen=True)
@@ -249,12 +251,14 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
     if typing.get_origin(kind) is tuple:
         item = typing.get_args(kind)[0]
         if not isinstance(value, list | tuple):
-            raise ReliefError(f"{key} must be a list of {item.__name__}, not {type(value).__name__} {value!r}")
+            raise ReliefError(f"{key} must be a list of {item.__name__}, not {type(value).__name__} {value!r:.80}")
         return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value) if abs(value) < 1e300 else math.inf
+    if kind is float and isinstance(value, float) and not math.isfinite(value):
+        raise ReliefError(f"{key} must be a finite number, not {value!r}")
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
-        raise ReliefError(f"{key} must be {kind.__name__}, not {type(value).__name__} {value!r}")
+        raise ReliefError(f"{key} must be {kind.__name__}, not {type(value).__name__} {value!r:.80}")
     return value
 
 
@@ -295,7 +299,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         raise ReliefError(f"--set {text!r} is not section.key=value; write e.g. --set train.learning_rate=2e-4")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         value = raw.strip()  # a bare word or path: --set model.path=models/mini
     return section, key.strip(), value
 
@@ -318,10 +322,17 @@ def read_tables(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ReliefError(f"recipe {path} does not exist; pass a TOML file or a bundled recipe "
                           f"({', '.join(bundled.names('recipes'))})")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise ReliefError(f"{path} is {path.stat().st_size:,} bytes, too large for a recipe (at most "
+                          f"{MAX_RECIPE_BYTES:,}); pass the recipe's TOML file")
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ReliefError(f"{path} is not UTF-8 text (byte {e.start}); save the recipe as UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise ReliefError(f"{path} is not valid TOML ({e}); fix that line") from None
+    except RecursionError:
+        raise ReliefError(f"{path} nests TOML tables or arrays too deeply to be a recipe; fix it") from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -89,3 +89,19 @@ def hf_tokenizer(tokenizer_dir):
     transformers = pytest.importorskip("transformers")
     return transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
 # --- end tokenizer and Harmony data ---------------------------------------------------------
+
+
+# --- fuzzing (hypothesis; relief_mlx.io and the readers, issue #16) --------------------------
+# `ci` (the default) keeps the property tests within the suite's time budget; a soak run tries
+# many more inputs: `python -m pytest tests/safety/test_fuzz.py --hypothesis-profile=soak`.
+try:
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True, print_blob=True,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("soak", max_examples=20_000, deadline=None, print_blob=True,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile("ci")
+except ImportError:  # hypothesis is a test dependency; tests/safety/test_fuzz.py needs it
+    pass
+# --- end fuzzing -----------------------------------------------------------------------------

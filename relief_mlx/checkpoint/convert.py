@@ -13,26 +13,27 @@ Each output shard holds what one input shard held, so peak memory is about one s
 
 from __future__ import annotations
 
-import hashlib
 import json
+import math
 import shutil
 from collections.abc import Callable
-from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import mlx.core as mx
 
 from .. import choices, hub
 from ..errors import ReliefError
-from ..io import atomic_dir, write_json
+from ..io import MANIFEST, atomic_dir, read_json, sha256, write_json, write_manifest
+from . import safetensors_header
+from .limits import FLOAT_BYTES, check_config, check_disk, check_memory, check_tokenizer_files
 from .mxfp4 import GROUP_SIZE, QUANTIZATION
 from .presets import tensor_plan
-from .safetensors_header import read_header
+from .safetensors_header import DTYPE_BYTES, read_header
 
 DTYPES = {name: getattr(mx, name) for name in choices.DTYPES}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json")
-MANIFEST = "relief-manifest.json"
+__all__ = ["MANIFEST", "convert", "verify"]  # MANIFEST: the demo reads it here
 Progress = Callable[[int, int, str], None]
 """`progress(done, total, item)` of long work (convert, synth, a bench's model build): the CLI draws a bar."""
 
@@ -41,14 +42,13 @@ def read_config(path: Path) -> dict:
     file = path / "config.json"
     if not file.is_file():
         raise ReliefError(f"{path} is not a checkpoint folder: it has no config.json")
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ReliefError(f"{file} is not valid JSON (line {e.lineno}); download it again") from e
+    config = read_json(file, fix="download it again")
     if config.get("model_type") != "gpt_oss":
         raise ReliefError(f"{file} has model_type {config.get('model_type')!r}; "
                           "relief-mlx converts only 'gpt_oss' checkpoints")
-    return normalize_rope(config)
+    if not isinstance(config.get("rope_parameters", {}), dict):
+        raise ReliefError(f"{file}: rope_parameters is not an object; download it again")
+    return check_config(normalize_rope(config), file)
 
 
 def normalize_rope(config: dict) -> dict:
@@ -66,10 +66,20 @@ def normalize_rope(config: dict) -> dict:
 
 
 def source_shards(path: Path) -> list[Path]:
+    """The shards of a checkpoint folder: those its index names (each a plain file name in the
+    folder, never an absolute path or one that climbs out with `..`), else every *.safetensors."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / n for n in names]
+        weight_map = read_json(index, fix="download it again").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str)
+                                                                         for v in weight_map.values()):
+            raise ReliefError(f"{index}: weight_map is not a table of tensor -> shard file; download it again")
+        for name in sorted(set(weight_map.values())):
+            part = PurePosixPath(name)
+            if part.is_absolute() or ".." in part.parts or "\\" in name or part.suffix != ".safetensors":
+                raise ReliefError(f"{index}: weight_map names the shard {name!r}, which is not a .safetensors file "
+                                  f"inside {path}; relief reads only the checkpoint's own files: fix the index")
+        return [path / n for n in sorted(set(weight_map.values()))]
     shards = sorted(path.glob("*.safetensors"))
     if not shards:
         raise ReliefError(f"{path} holds no *.safetensors files; is it a checkpoint folder?")
@@ -179,24 +189,31 @@ def mlx_config(config: dict, experts: str) -> dict:
     return config
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def output_bytes(header: dict[str, tuple[str, tuple[int, ...]]], experts: str, dtype: str) -> int:
+    """Bytes the tensors of one source shard take once converted: MXFP4 blocks dequantized when
+    `experts` is a dtype (each byte holds two values), float tensors in their new dtype."""
+    total = 0
+    for name, (code, shape) in header.items():
+        n = math.prod(shape)
+        if name.endswith("_blocks") and experts != "mxfp4":
+            total += 2 * n * FLOAT_BYTES[experts]
+        elif name.endswith("_scales") and experts != "mxfp4":
+            continue
+        elif code in ("F32", "F16", "BF16"):
+            total += n * FLOAT_BYTES[dtype]
+        else:
+            total += n * DTYPE_BYTES[code]
+    return total
 
 
-def _versions() -> dict[str, str]:
-    return {p: metadata.version(p) for p in ("relief-mlx", "mlx", "mlx-lm") if _installed(p)}
-
-
-def _installed(package: str) -> bool:
-    try:
-        metadata.version(package)
-        return True
-    except metadata.PackageNotFoundError:
-        return False
+def check_room(shards: list[Path], out: Path, experts: str, dtype: str) -> None:
+    """Refuse a conversion this machine cannot hold (a source shard and its converted tensors at
+    once) or whose output would not fit the disk, before anything is written."""
+    sizes = [(s.stat().st_size, output_bytes(read_header(s), experts, dtype)) for s in shards]
+    check_memory(f"converting {shards[0].parent}", max(src + dst for src, dst in sizes),
+                 "use a machine with more memory, or keep the experts in MXFP4 (--experts mxfp4)",
+                 "the largest shard and its converted tensors")
+    check_disk(f"converting {shards[0].parent}", out.parent, sum(dst for _, dst in sizes))
 
 
 def convert(src: str | Path, out: str | Path, revision: str | None = None, experts: str = "auto",
@@ -211,7 +228,10 @@ def convert(src: str | Path, out: str | Path, revision: str | None = None, exper
     layout = check_source(config, shards)
     if not (path / "tokenizer.json").is_file():
         raise ReliefError(f"{path} has no tokenizer.json; copy the tokenizer files of the source model into it")
+    check_tokenizer_files(path)
+    _check_tokenizer(path / "tokenizer.json")
     experts = ("mxfp4" if layout == "mxfp4" else "bfloat16") if experts == "auto" else experts
+    check_room(shards, Path(out), experts, dtype)
     total = sum(len(read_header(s)) for s in shards)
     done, pending, outputs = 0, {}, {}
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -223,7 +243,7 @@ def convert(src: str | Path, out: str | Path, revision: str | None = None, exper
             pending |= loaded
             tensors = map_tensors(pending, layout, experts, DTYPES[dtype])
             name = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-            mx.save_safetensors(str(tmp / name), dict(sorted(tensors.items())), metadata={"format": "mlx"})
+            safetensors_header.save(tmp / name, dict(sorted(tensors.items())), metadata={"format": "mlx"})
             outputs[name] = sorted(tensors)
             done += len(loaded)
             if progress:
@@ -238,16 +258,22 @@ def convert(src: str | Path, out: str | Path, revision: str | None = None, exper
         for f in TOKENIZER_FILES:
             if (path / f).is_file():
                 shutil.copyfile(path / f, tmp / f)
-        write_json(tmp / MANIFEST, {
+        write_manifest(tmp, {
             "format": "relief-mlx/1",
             **source,
             "layout": layout,
             "options": {"experts": experts, "dtype": dtype},
             "inputs": {s.name: sha256(s) for s in shards},
-            "outputs": {f: sha256(tmp / f) for f in outputs},
-            "versions": _versions(),
-        })
+        }, files=list(outputs))
     return Path(out)
+
+
+def _check_tokenizer(file: Path) -> None:
+    """A tokenizer.json that is gpt-oss's (JSON the tokenizers library reads, the Harmony special
+    ids in place): convert never copies one that every later command would refuse."""
+    from ..data.harmony import HarmonyTokenizer
+
+    HarmonyTokenizer.from_dir(file.parent)
 
 
 def verify(src: str | Path, out: str | Path, layers: int = 2, tokens: int = 160, seed: int = 0) -> dict:

@@ -21,8 +21,9 @@ import mlx.core as mx
 import numpy as np
 
 from ..io import atomic_dir, write_json
-from . import mxfp4
+from . import mxfp4, safetensors_header
 from .convert import Progress
+from .limits import check_disk, check_memory
 from .presets import PRESETS, generation_config, hf_config, nbytes, tensor_plan
 from .tokenizer import write_tokenizer_files
 
@@ -81,6 +82,12 @@ def synth(preset: str, out: str | Path, seed: int = 0, overwrite: bool = False,
     file_of = {name: files[k] for k, group in enumerate(groups) for name in group}
     total = len(file_of)
     closes_shard = {group[-1] for group in groups}
+    sizes = {name: nbytes(shape, dtype) for name, shape, dtype in tensor_plan(config)}
+    largest = max(sum(sizes[n] for n in group) for group in groups)
+    expert = config["hidden_size"] * 2 * config["intermediate_size"]  # one expert's gate_up, quantized alone
+    check_memory(f"synthesizing {preset}", largest + 80 * expert, "pick a smaller --preset",
+                 "one shard and one expert's MXFP4 quantization")
+    check_disk(f"synthesizing {preset}", Path(out).parent, sum(sizes.values()))
     weight_map, total_size, shard = {}, 0, {}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for done, (name, tensor) in enumerate(synth_tensors(config, seed), start=1):
@@ -88,7 +95,7 @@ def synth(preset: str, out: str | Path, seed: int = 0, overwrite: bool = False,
             if progress:
                 progress(done, total, name)
             if name in closes_shard:
-                mx.save_safetensors(str(tmp / file_of[name]), shard, metadata={"format": "pt"})
+                safetensors_header.save(tmp / file_of[name], shard, metadata={"format": "pt"})
                 for k, v in shard.items():
                     weight_map[k] = file_of[name]
                     total_size += v.nbytes

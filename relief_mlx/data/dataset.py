@@ -18,7 +18,9 @@ Formats (one per file; other keys on a line are ignored):
 - text: `{"text": str}`: plain tokens plus `<|endoftext|>`, every token trained, no Harmony.
 
 A bad line raises ReliefError naming file:line, the problem and the fix; with
-`skip_invalid=True` it is skipped and listed in `Dataset.invalid`.
+`skip_invalid=True` it is skipped and listed in `Dataset.invalid`. A line longer than
+`MAX_LINE_BYTES` (more text than gpt-oss's whole context holds) or JSON nested deeper than Python
+parses is a bad line too, found without reading it whole into memory.
 
 Length policy (`tokenize`, `max_length` in tokens), chat and completions:
 1. it fits: unchanged;
@@ -33,6 +35,7 @@ Text lines longer than `max_length` keep their first `max_length` tokens (`trunc
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections.abc import Sequence
@@ -61,6 +64,8 @@ FORMATS = ("chat", "completions", "text")
 TRAINING_OPTIONS = RenderOptions.of(DataSection())
 _REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _FIX = "fix the line or pass --skip-invalid to skip bad lines"
+# gpt-oss's 131,072-token context is about 0.6 MB of text; a line of 4 MiB can never be trained whole.
+MAX_LINE_BYTES = 4 * 2**20
 
 
 @dataclass(frozen=True)
@@ -100,14 +105,35 @@ class Dataset:
 # ---------------------------------------------------------------- reading
 
 
-def _parse_line(raw: bytes) -> tuple[str, dict]:
+def _lines(path: Path):
+    """(line number, bytes without the line break) of a file; None for a line over MAX_LINE_BYTES,
+    which is skipped without being held in memory."""
+    with open(path, "rb") as f:
+        for number in itertools.count(1):
+            raw = f.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            if len(raw) > MAX_LINE_BYTES:
+                while raw and not raw.endswith(b"\n"):
+                    raw = f.readline(1 << 20)
+                yield number, None
+                continue
+            yield number, raw.rstrip(b"\r\n")
+
+
+def _parse_line(raw: bytes | None) -> tuple[str, dict]:
     """(format, fields) of one line; raises ValueError with the problem in a few words."""
+    if raw is None:
+        raise ValueError(f"is longer than {MAX_LINE_BYTES // 2**20} MiB, more text than gpt-oss's whole context "
+                         "holds; split or shorten it")
     try:
         obj = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise ValueError(f"is not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from e
     except json.JSONDecodeError as e:
         raise ValueError(f"is not valid JSON ({e.msg} at column {e.colno})") from e
+    except RecursionError:
+        raise ValueError("nests JSON deeper than any conversation does") from None
     if not isinstance(obj, dict):
         raise ValueError(f"is a JSON {type(obj).__name__}, not an object")
     if "messages" in obj:
@@ -152,8 +178,8 @@ def read_jsonl(path: str | Path, split: str, skip_invalid: bool = False) -> Data
     records: list[Record] = []
     invalid: list[str] = []
     first_format: tuple[str, int] | None = None
-    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
-        if not raw.strip():
+    for number, raw in _lines(path):
+        if raw is not None and not raw.strip():
             continue
         try:
             fmt, obj = _parse_line(raw)

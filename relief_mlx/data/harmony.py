@@ -136,7 +136,13 @@ class HarmonyTokenizer:
             raise ReliefError(
                 f"{file} does not exist; pass a folder holding gpt-oss's tokenizer.json"
             )
-        return cls(Tokenizer.from_file(str(file)), copy=False)
+        try:
+            backend = Tokenizer.from_file(str(file))
+        except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
+            raise ReliefError(f"{file} is not a tokenizer the tokenizers library can read "
+                              f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}); "
+                              "copy gpt-oss's tokenizer files again") from None
+        return cls(backend, copy=False)
 
     @classmethod
     def from_any(cls, tok: Any) -> HarmonyTokenizer:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -38,8 +37,8 @@ from ..data.dataset import Example, load_dataset, tokenize
 from ..data.harmony import HarmonyTokenizer, RenderOptions, render_prompt
 from ..data.scoring import scoring_problems
 from ..errors import ReliefError
-from ..io import atomic_path
-from ..model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_adapter, remove_adapter
+from ..io import MANIFEST, append_line, atomic_path, folder_lock, write_manifest
+from ..model.lora import ADAPTER_WEIGHTS, apply_adapter, check_base, remove_adapter
 from ..recipe import DataSection, EvalSection, Recipe
 from .score import score
 
@@ -48,8 +47,6 @@ PARTIAL = "examples.partial.jsonl"
 ORIGINAL_SAMPLES_PER_S = 0.008  # the PyTorch pipeline's validation speed, for comparison
 MIN_PAIRED = 5  # fewer paired items than this: no significance claim
 RESAMPLES = 2000
-ARCHITECTURE = ("hidden_size", "num_hidden_layers", "num_local_experts", "intermediate_size",
-                "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size")
 
 
 @dataclass(frozen=True)
@@ -120,15 +117,21 @@ class EvalResult:
 
 def evaluate(config: EvalConfig, on_event: Event | None = None, loaded: tuple[Any, Any] | None = None) -> EvalResult:
     """Answer, score and compare; write the report into `config.out`. `loaded` is a `(model,
-    tokenizer)` already in memory (the trainer's), used instead of loading `config.model`."""
+    tokenizer)` already in memory (the trainer's), used instead of loading `config.model`. One
+    evaluation writes an `out` folder at a time (`io.folder_lock`)."""
+    with folder_lock(config.out):
+        return _evaluate(config, on_event, loaded)
+
+
+def _evaluate(config: EvalConfig, on_event: Event | None, loaded: tuple[Any, Any] | None) -> EvalResult:
     from ..generate.engine import DEFAULT_CONTEXT, Engine, adapter_folder
-    from ..model.load import build_model, read_weights
+    from ..model.load import build_model, read_config, read_weights
     from ..train.state import model_fingerprint
     from .report import write
 
     emit = on_event or (lambda kind, data: None)
     model_dir, _ = hub.resolve(config.model)
-    model_config = _read_json(model_dir / "config.json")
+    model_config = read_config(model_dir)
     harmony = HarmonyTokenizer.from_any(loaded[1]) if loaded is not None else HarmonyTokenizer.from_dir(model_dir)
     items = load_items(config, harmony)  # bad data fails here, before the model is loaded
     with tempfile.TemporaryDirectory(prefix="relief-eval-") as scratch:
@@ -150,6 +153,7 @@ def evaluate(config: EvalConfig, on_event: Event | None = None, loaded: tuple[An
             weights = hashlib.sha256((folder / ADAPTER_WEIGHTS).read_bytes()).hexdigest()
             variants.append(Variant(name, source, folder, _digest({"base": base_fp, "adapter": weights})))
         out = Path(config.out)
+        (out / MANIFEST).unlink(missing_ok=True)  # until this eval ends, out is not a complete report
         done = _read_partial(out / PARTIAL, emit)
         emit("start", {"items": len(items), "variants": [v.name for v in variants], "out": str(out),
                        "resumed": sum(_key(v, i) in done for v in variants for i in items)})
@@ -162,6 +166,8 @@ def evaluate(config: EvalConfig, on_event: Event | None = None, loaded: tuple[An
     records = [rescore(done[_key(v, i)] | {"variant": v.name}, i) for v in variants for i in items]
     summary = summarize(config, variants, items, records)
     files = write(out, summary, records)
+    write_manifest(out, {"format": "relief-mlx-eval/1", "model": config.model, "adapters": list(config.adapters)},
+                   files=sorted(p.name for p in files.values() if p.is_file()))  # last: the report is complete
     emit("done", {"summary": summary, "files": {k: str(v) for k, v in files.items()}})
     return EvalResult(out, summary, files)
 
@@ -190,18 +196,15 @@ def _run_variant(engine, variant: Variant, items: list[Item], config: EvalConfig
     order = np.argsort([len(p) for p in prompts], kind="stable").tolist()  # similar lengths share a batch
     generation = GenerateConfig(max_tokens=config.max_tokens, reasoning=config.data.reasoning_effort)
     answers = answer_prompts(engine, [prompts[k] for k in order], generation, config.batch_size)
-    with open(partial, "a", encoding="utf-8") as f:
-        for count, (index, reply) in enumerate(answers, start=1):
-            k = order[index]
-            record = _record(variant, items[k], reply, losses[k], tf_s)
-            if not reply.final:  # what came instead of an answer (random weights: no Harmony at all)
-                record["raw"] = engine.harmony.decode(reply.tokens)
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-            done[record["key"]] = record
-            emit("answer", {"name": variant.name, "done": count, "total": len(items), "id": items[k].id,
-                            "tokens": reply.generated_tokens, "decode_tps": reply.decode_tps})
+    for count, (index, reply) in enumerate(answers, start=1):
+        k = order[index]
+        record = _record(variant, items[k], reply, losses[k], tf_s)
+        if not reply.final:  # what came instead of an answer (random weights: no Harmony at all)
+            record["raw"] = engine.harmony.decode(reply.tokens)
+        append_line(partial, json.dumps(record, ensure_ascii=False))  # fsynced; a failed append leaves no half line
+        done[record["key"]] = record
+        emit("answer", {"name": variant.name, "done": count, "total": len(items), "id": items[k].id,
+                        "tokens": reply.generated_tokens, "decode_tps": reply.decode_tps})
 
 
 # ---------------------------------------------------------------- items and adapters
@@ -273,17 +276,9 @@ def _names(adapters: Sequence[str]) -> list[str]:
 
 
 def check_base_model(model_dir: Path, source: str, folder: Path) -> None:
-    """Raise (one line) when the adapter's recorded `base_model` is a folder here whose
-    architecture differs from the model's (a Hub id or a folder not here is left to `check_adapter`)."""
-    base = _read_json(folder / ADAPTER_CONFIG).get("base_model")
-    theirs = Path(str(base)).expanduser() / "config.json" if base else None
-    if theirs is None or not theirs.is_file() or theirs.parent.resolve() == model_dir.resolve():
-        return
-    mine, other = _read_json(model_dir / "config.json"), _read_json(theirs)
-    differs = next((k for k in ARCHITECTURE if mine.get(k) != other.get(k)), None)
-    if differs:
-        raise ReliefError(f"adapter {source} was trained on {base} ({differs} {other.get(differs)}), not on "
-                          f"{model_dir} ({differs} {mine.get(differs)}); pass the model it was trained for")
+    """Raise (one line) when the adapter was trained on another base: other weights of the same
+    shapes (its recorded fingerprint), or a `base_model` folder here of another architecture."""
+    check_base(folder, model_dir, name=source)
 
 
 def check_adapter(model, source: str, folder: Path) -> None:
@@ -393,12 +388,6 @@ def _read_partial(path: Path, emit: Event) -> dict[str, dict]:
             tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in good), encoding="utf-8")
         emit("dropped", {"lines": dropped, "path": str(path)})
     return {r["key"]: r for r in good}
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise ReliefError(f"{path} does not exist; pass a folder written by `relief convert` or `relief train`")
-    return json.loads(path.read_text())
 
 
 # ---------------------------------------------------------------- statistics

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -10,7 +9,10 @@ import mlx.nn as nn
 from mlx.utils import tree_map
 
 from .. import hub
+from ..checkpoint.limits import check_config, check_memory, check_tokenizer_files, weight_bytes
+from ..checkpoint.safetensors_header import check
 from ..errors import ReliefError
+from ..io import read_json
 from .gpt_oss import Model, ModelArgs
 
 
@@ -19,21 +21,36 @@ def default_dtype() -> mx.Dtype:
     return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
 
 
+def read_config(path: Path) -> dict:
+    """`config.json` of a converted checkpoint folder, checked (`checkpoint.limits.check_config`)."""
+    file = path / "config.json"
+    if not file.is_file():
+        raise ReliefError(f"{path} has no config.json; pass a folder written by `relief convert`")
+    return check_config(read_json(file, fix="convert the checkpoint again"), file)
+
+
 def read_weights(path: Path) -> dict[str, mx.array]:
-    """All tensors of an MLX checkpoint folder, lazily (nothing is read until evaluated)."""
+    """All tensors of an MLX checkpoint folder, lazily (nothing is read until evaluated); every
+    shard's header is checked first, so a torn or hostile shard fails here, naming it."""
     files = sorted(path.glob("model*.safetensors"))
     if not files:
         raise ReliefError(f"{path} holds no model*.safetensors; pass a folder written by `relief convert`")
     weights: dict[str, mx.array] = {}
     for f in files:
-        weights |= mx.load(str(f))
+        weights |= mx.load(str(check(f)))
     if any(k.endswith(("_blocks", ".gate_up_proj")) for k in weights):
         raise ReliefError(f"{path} is a Hugging Face checkpoint; run `relief convert {path} --out DIR` and load DIR")
     return weights
 
 
 def build_model(config: dict, weights: dict[str, mx.array], dtype: mx.Dtype | None = None) -> Model:
-    """A gpt-oss `Model` holding `weights`; float weights cast to `dtype` (default: the backend's)."""
+    """A gpt-oss `Model` holding `weights`; float weights cast to `dtype` (default: the backend's).
+    Refused before anything is allocated when the machine cannot hold them (`limits.check_memory`)."""
+    dtype = dtype or default_dtype()
+    check_config(config, "config.json")
+    check_memory("the model's weights", weight_bytes(config, dtype.size, bool(config.get("quantization"))),
+                 "use a machine with more memory, or MXFP4 experts (`relief convert --experts mxfp4`)",
+                 f"{config['num_hidden_layers']} layers, hidden size {config['hidden_size']}, {dtype}")
     model = Model(ModelArgs.from_dict(config))
     if quantization := config.get("quantization"):
         nn.quantize(model, **quantization,
@@ -43,7 +60,6 @@ def build_model(config: dict, weights: dict[str, mx.array], dtype: mx.Dtype | No
     except ValueError as e:
         detail = " ".join(str(e).split())  # MLX's message spans lines; ours is one
         raise ReliefError(f"the weights do not fit config.json ({detail}); convert the checkpoint again") from e
-    dtype = dtype or default_dtype()
     model.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
                           model.parameters()))
     model.eval()
@@ -59,18 +75,17 @@ def load(path: str | Path, adapter: str | Path | None = None, dtype: mx.Dtype | 
     (what training and Harmony parsing use; building mlx-lm's wrapper too costs seconds).
     """
     path, _ = hub.resolve(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise ReliefError(f"{path} has no config.json; pass a folder written by `relief convert`")
-    config = json.loads(config_file.read_text())
+    config = read_config(path)
+    check_tokenizer_files(path)  # before any weight is read: no code from a model folder
     weights = read_weights(path)
     try:
         model = build_model(config, weights, dtype)
     except ReliefError as e:  # name the folder whose weights do not fit
         raise ReliefError(f"{path}: {e}") from None
     if adapter is not None:
-        from .lora import apply_adapter
+        from .lora import apply_adapter, check_base
 
+        check_base(adapter, path)
         apply_adapter(model, adapter)
     if not lazy:
         mx.eval(model.parameters())
@@ -81,4 +96,8 @@ def load(path: str | Path, adapter: str | Path | None = None, dtype: mx.Dtype | 
     from mlx_lm.utils import load_tokenizer
 
     eos = [config["eos_token_id"]] if isinstance(config.get("eos_token_id"), int) else config.get("eos_token_id")
-    return model, load_tokenizer(path, eos_token_ids=eos)
+    try:
+        return model, load_tokenizer(path, eos_token_ids=eos)
+    except Exception as e:  # transformers raises many types for a file it cannot read
+        raise ReliefError(f"{path}: transformers could not load its tokenizer ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); copy gpt-oss's tokenizer files into it") from e

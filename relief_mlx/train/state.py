@@ -7,8 +7,11 @@
 
 The checkpoint folder is rebuilt under a temporary name and renamed over the old one only when
 complete (`io.atomic_dir`), so a crash or a full disk while saving leaves the previous one whole.
-The swap is two renames (checkpoint -> .checkpoint.old-PID, new -> checkpoint): a crash between
-them leaves no `checkpoint/`, and `read_checkpoint` then takes the intact `.checkpoint.old-*`.
+Each checkpoint and best/ ends with a manifest (the sha256 of its files), so a torn or changed
+file is found and named when it is read. The swap is two renames (checkpoint -> .checkpoint.old-*,
+new -> checkpoint): a crash between them leaves no `checkpoint/`, and `recover` (at `--resume`)
+puts the newest complete copy back in its place. metrics.jsonl grows one fsynced line per step
+(`io.append_line`); a line torn by a crash is dropped when the run resumes.
 `state.json` holds the step, the epoch, the position in that epoch's micro-batch order (and the
 order itself), early-stopping counters, and what the run was trained on: a resume from another
 model, recipe or dataset is refused (the length of the run and its validation settings may change:
@@ -21,7 +24,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +34,9 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from ..errors import ReliefError
-from ..io import atomic_dir, atomic_path
+from ..checkpoint.safetensors_header import check
+from ..errors import ReliefError, ReliefWarning, WriteError
+from ..io import MANIFEST, append_line, atomic_dir, atomic_path, check_manifest, read_json, recover_dir, write_manifest
 from ..model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 CHECKPOINT, BEST = "checkpoint", "best"
@@ -83,64 +88,110 @@ def save_adapter(folder: Path, model: nn.Module) -> None:
 
 
 def save_best(run: Path, model: nn.Module, config: dict) -> None:
-    with atomic_dir(run / BEST, overwrite=True) as tmp:
+    with atomic_dir(run / BEST, overwrite=True, lock=False) as tmp:  # the run's lock covers it
         save_arrays(tmp / ADAPTER_WEIGHTS, adapter_weights(model))
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        write_manifest(tmp, {"format": FORMAT})
 
 
 def save_checkpoint(run: Path, model: nn.Module, optimizer: optim.Optimizer, run_state: RunState,
                     identity: dict) -> None:
     """Replace RUN/checkpoint atomically; on failure the previous checkpoint stays as it was."""
     try:
-        with atomic_dir(run / CHECKPOINT, overwrite=True) as tmp:
+        with atomic_dir(run / CHECKPOINT, overwrite=True, lock=False) as tmp:  # the run's lock covers it
             save_arrays(tmp / ADAPTER_WEIGHTS, adapter_weights(model))
             save_arrays(tmp / OPTIMIZER, dict(tree_flatten(optimizer.state)))
             (tmp / STATE).write_text(json.dumps({"format": FORMAT, "identity": identity,
                                                  "progress": asdict(run_state)}) + "\n")
-    except OSError as e:
-        kept = _checkpoint_step(_checkpoint_folder(run))
-        intact = f"the checkpoint of step {kept} is intact" if kept is not None else "no checkpoint was written yet"
-        raise ReliefError(
-            f"could not write {run / CHECKPOINT} at step {run_state.step}: {e.strerror or e}; "
-            f"{intact}: free disk space and continue with `relief train --resume {run}`"
-        ) from e
-    for stale in run.glob(f".{CHECKPOINT}.old-*"):  # left by a crash between the swap's renames
-        shutil.rmtree(stale, ignore_errors=True)
+            write_manifest(tmp, {"format": FORMAT})
+    except WriteError as e:
+        raise ReliefError(f"could not write {run / CHECKPOINT} at step {run_state.step}: {e.reason}; "
+                          f"{intact(run)}") from e
 
 
-def _checkpoint_step(folder: Path) -> int | None:
+def is_run(run: Path) -> bool:
+    """Whether the folder holds a relief run (so --overwrite may clear it)."""
+    return any((run / name).exists() for name in (RECIPE, METRICS, CHECKPOINT, ADAPTER_CONFIG))
+
+
+def clear(run: Path) -> None:
+    """Empty a run folder for `relief train --overwrite` (the caller holds its lock)."""
+    for entry in run.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def checkpoint_step(run: Path) -> int | None:
+    """The step of RUN's checkpoint, or None when it has none that can be read."""
     try:
-        return json.loads((folder / STATE).read_text())["progress"]["step"]
+        step = json.loads((run / CHECKPOINT / STATE).read_text())["progress"]["step"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    return step if isinstance(step, int) else None
 
 
-def _checkpoint_folder(run: Path) -> Path:
-    """RUN/checkpoint, or when a crash fell between the two renames of its swap, the previous
-    checkpoint the swap had moved aside (`.checkpoint.old-*`, all of it written and synced)."""
+def intact(run: Path) -> str:
+    """What is left to continue from after a failure, and how: the end of a one-line error."""
+    step = checkpoint_step(run)
+    if step is None:
+        return (f"no checkpoint was written yet: free disk space and start it again with `relief train --resume "
+                f"{run}` (it starts from step 0)")
+    return f"the checkpoint of step {step} is intact: free disk space and continue with `relief train --resume {run}`"
+
+
+def recover(run: Path) -> None:
+    """After a crash, put the newest complete copy of checkpoint/ and best/ in place (a crash
+    between the two renames of a swap leaves the new one as .NAME.partial-*, the old as
+    .NAME.old-*); each repair is a ReliefWarning. Rank 0, holding the run's lock."""
+    for name in (CHECKPOINT, BEST):
+        if done := recover_dir(run / name):
+            warnings.warn(done, ReliefWarning, stacklevel=2)
+
+
+def read_checkpoint(run: Path) -> tuple[dict, dict[str, mx.array], dict[str, mx.array]] | None:
+    """(state.json, adapter tensors, optimizer tensors) of RUN's checkpoint; None when the run has
+    none yet (it stopped before its first). A torn or changed file is named."""
     folder = run / CHECKPOINT
-    if folder.exists():
-        return folder
-    aside = [(_checkpoint_step(f), f) for f in run.glob(f".{CHECKPOINT}.old-*")]
-    aside = [(step, f) for step, f in aside if step is not None]
-    return max(aside)[1] if aside else folder
-
-
-def read_checkpoint(run: Path) -> tuple[dict, dict[str, mx.array], dict[str, mx.array]]:
-    """(state.json, adapter tensors, optimizer tensors) of RUN's checkpoint."""
-    folder = _checkpoint_folder(run)
+    if not folder.exists():
+        return None
     files = [folder / STATE, folder / ADAPTER_WEIGHTS, folder / OPTIMIZER]
+    fix = f"no complete copy is left to resume from: start the run over with `relief train {run / RECIPE} --overwrite`"
+    problem = check_manifest(folder) if (folder / MANIFEST).is_file() else None  # older runs have none
     missing = [f.name for f in files if not f.is_file()]
-    if missing:
-        raise ReliefError(f"{run} has no complete checkpoint ({folder} lacks {', '.join(missing)}); "
-                          "pass a run folder written by `relief train`")
-    try:
-        state = json.loads(files[0].read_text())
-    except ValueError as e:
-        raise ReliefError(f"{files[0]} is not valid JSON ({e}); the run folder is damaged") from e
+    if problem or missing:
+        raise ReliefError(f"{problem or f'{folder} lacks ' + ', '.join(missing)}; {fix}")
+    state = read_json(files[0], fix=fix)
     if state.get("format") != FORMAT:
         raise ReliefError(f"{files[0]} is not a relief-mlx training checkpoint (format {state.get('format')!r})")
-    return state, load_arrays(files[1]), load_arrays(files[2])
+    check_progress(state.get("progress"), files[0])
+    return state, load_arrays(check(files[1])), load_arrays(check(files[2]))
+
+
+def check_progress(progress: object, file: Path, examples: int | None = None) -> RunState:
+    """The RunState that state.json's `progress` holds; refused in one line naming the field when a
+    count is negative or not a whole number, a field is unknown, or the batch order names an
+    example the training split (of `examples`) does not have."""
+    names = {f.name for f in fields(RunState)}
+    if not isinstance(progress, dict) or set(progress) - names:
+        raise ReliefError(f"{file}: progress is not what relief-mlx writes; the checkpoint is damaged")
+    for name, value in progress.items():
+        if name in ("order", "losses", "val_losses"):
+            ok = isinstance(value, list)
+        elif name in ("best_loss", "elapsed_s"):
+            ok = (value is None and name == "best_loss") or (isinstance(value, int | float)
+                                                              and not isinstance(value, bool))
+        else:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        if not ok:
+            raise ReliefError(f"{file}: progress.{name} = {value!r} is not valid; the checkpoint is damaged")
+    for batch in progress.get("order", []):
+        if not isinstance(batch, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i and
+                                                  (examples is None or i < examples) for i in batch):
+            raise ReliefError(f"{file}: progress.order names an example the training split does not have "
+                              f"({batch!r:.60}); the checkpoint is damaged")
+    return RunState(**progress)
 
 
 def identity(model_fingerprint: str, recipe: dict, data_fingerprint: str) -> dict:
@@ -194,16 +245,22 @@ def model_fingerprint(path: Path, model: nn.Module) -> str:
 
 
 def rewrite_metrics(run: Path, last_step: int) -> None:
-    """Keep metrics.jsonl lines up to the resumed step, so no step appears twice."""
+    """Keep metrics.jsonl records up to the resumed step, so no step appears twice; a line a crash
+    tore (or anything else that is not a record) is dropped."""
     file = run / METRICS
     if not file.is_file():
         return
-    lines = [line for line in file.read_text().splitlines()
-             if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    kept = []
+    for line in file.read_bytes().splitlines():
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step", 0), int) and record.get("step", 0) <= last_step:
+            kept.append(json.dumps(record) + "\n")
     with atomic_path(file) as tmp:
-        tmp.write_text("".join(line + "\n" for line in lines))
+        tmp.write_text("".join(kept), encoding="utf-8")
 
 
 def append_metrics(run: Path, record: dict[str, Any]) -> None:
-    with open(run / METRICS, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    append_line(run / METRICS, json.dumps(record))

@@ -59,7 +59,17 @@ def trainable_parameters(config: dict, recipe: Recipe | LoraSection) -> int:
     n = config["num_hidden_layers"]
     layers = n if lora.layers == -1 else min(lora.layers, n)
     keys = resolve_targets(lora.targets, list(shapes))
+    check_rank(lora.rank, {k: shapes[k] for k in keys})
     return layers * sum(e * lora.rank * (i + o) for e, i, o in (shapes[k] for k in keys))
+
+
+def check_rank(rank: int, shapes: dict[str, tuple[int, int, int]]) -> None:
+    """A LoRA rank above a targeted module's smaller side adds parameters and no expressive power
+    (and a rank of 10^9 would allocate until the machine fails): refuse it before anything is built."""
+    name, (_, i, o) = min(shapes.items(), key=lambda kv: min(kv[1][1:]))
+    if rank > min(i, o):
+        raise ReliefError(f"lora.rank = {rank} is above {min(i, o)}, the smaller side of {name} ({i} x {o}); a "
+                          f"LoRA update of a {i} x {o} matrix has at most that rank: lower lora.rank")
 
 
 def adapter_config(lora: LoraSection, keys: list[str], num_layers: int) -> dict:
@@ -84,6 +94,7 @@ def apply_lora(model: nn.Module, lora: LoraSection) -> dict:
     if num_layers > len(model.layers):
         raise ReliefError(f"lora.layers = {lora.layers} but the model has {len(model.layers)} layers; "
                           "lower it or use -1")
+    check_rank(lora.rank, {k: v for k, v in module_shapes(vars(model.args)).items() if k in keys})
     config = adapter_config(lora, keys, num_layers)
     model.freeze()
     linear_to_lora_layers(model, num_layers, config["lora_parameters"])

@@ -15,6 +15,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
@@ -28,10 +29,10 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.generate import wired_limit
 
 from .. import hub
-from ..errors import ReliefError
-from ..io import write_json, write_text
+from ..errors import ReliefError, ReliefWarning, WriteError
+from ..io import folder_lock, write_json, write_text
 from ..model.load import load
-from ..model.lora import ADAPTER_CONFIG
+from ..model.lora import ADAPTER_CONFIG, base_fingerprint
 from ..recipe import Recipe, TrainSection, load_recipe, to_toml
 from . import distributed, state
 from .data import MicroBatch, Splits, epoch_order, eval_order, load_splits, micro_batch
@@ -54,14 +55,28 @@ class Result:
 # ---------------------------------------------------------------- the loop
 
 
-def train(recipe: Recipe, resume: str | Path | None = None, on_event: Event | None = None) -> Result:
-    """Run `recipe` (or continue the run folder `resume` exactly where its checkpoint left off)."""
+def train(recipe: Recipe, resume: str | Path | None = None, on_event: Event | None = None,
+          overwrite: bool = False) -> Result:
+    """Run `recipe` (or continue the run folder `resume` exactly where its checkpoint left off;
+    `overwrite` starts a used run folder over). Rank 0 holds the folder's lock (`io.folder_lock`)
+    for the whole run, so a second run into it is refused; a failed write is one line saying what
+    is left to continue from."""
+    run = Path(resume) if resume else Path(recipe.output.dir)
+    owner = distributed.world().rank() == 0
+    try:
+        with folder_lock(run) if owner else contextlib.nullcontext():
+            return _train(recipe, resume, on_event, overwrite)
+    except WriteError as e:
+        raise ReliefError(f"could not write {e.path}: {e.reason}; {state.intact(run)}") from e
+
+
+def _train(recipe: Recipe, resume: str | Path | None, on_event: Event | None, overwrite: bool) -> Result:
     group = distributed.world()
     rank, world = group.rank(), group.size()
     emit = on_event if on_event and rank == 0 else (lambda kind, data: None)
     tc, vc = recipe.train, recipe.validation
     run = Path(resume) if resume else Path(recipe.output.dir)
-    _check_start(recipe, run, resume, group)
+    _check_start(recipe, run, resume, group, overwrite)
 
     # -- model, LoRA, data
     wall = time.perf_counter()
@@ -72,6 +87,8 @@ def train(recipe: Recipe, resume: str | Path | None = None, on_event: Event | No
     model_fingerprint = state.model_fingerprint(model_dir, model)  # before LoRA
     mx.random.seed(tc.seed)  # LoRA A initialization
     adapter_config = apply_lora(model, recipe.lora) | {"base_model": recipe.model.path}
+    if fingerprint := base_fingerprint(model_dir):  # an adapter knows the weights it was trained on
+        adapter_config["base_fingerprint"] = fingerprint
     splits = load_splits(recipe.data, tokenizer, need_valid=vc.every >= 0)
     if recipe.eval.enabled and rank == 0:  # [eval] fails now, not after training
         from ..eval.run import check_before_training
@@ -89,11 +106,10 @@ def train(recipe: Recipe, resume: str | Path | None = None, on_event: Event | No
     optimizer.init(model.trainable_parameters())
 
     # -- resume or start; the run folder keeps the recipe it runs (a resume may extend it)
-    run_state = _resume(run, model, optimizer, identity, group) if resume else state.RunState()
+    run_state = _resume(run, model, optimizer, identity, group, len(splits.train)) if resume else state.RunState()
     if rank == 0:
         write_text(run / state.RECIPE, to_toml(recipe))
-        if not resume:
-            write_json(run / ADAPTER_CONFIG, adapter_config)
+        write_json(run / ADAPTER_CONFIG, adapter_config)
     micro_step = make_micro_step(model, tc)
     emit("start", {"run": str(run), "steps": total_steps, "start_step": run_state.step,
                    "trainable": count_trainable(model), "world": world, "data": splits.counts})
@@ -156,14 +172,20 @@ def train(recipe: Recipe, resume: str | Path | None = None, on_event: Event | No
 # ---------------------------------------------------------------- phases of the loop
 
 
-def _check_start(recipe: Recipe, run: Path, resume: str | Path | None, group) -> None:
+def _check_start(recipe: Recipe, run: Path, resume: str | Path | None, group, overwrite: bool) -> None:
     world, accumulation = group.size(), recipe.train.grad_accumulation
     if accumulation % world:
         raise ReliefError(f"train.grad_accumulation = {accumulation} is not a multiple of the "
                           f"{world} ranks; set it to a multiple of {world}")
     if not resume and group.rank() == 0 and run.exists() and any(run.iterdir()):
-        raise ReliefError(f"{run} already holds files; continue that run with --resume {run} "
-                          "or choose another output.dir")
+        if not state.is_run(run):
+            raise ReliefError(f"{run} already holds files that are not a relief run; choose another output.dir")
+        if not overwrite:
+            step = state.checkpoint_step(run)
+            has = f"checkpoint of step {step}" if step is not None else "no checkpoint yet"
+            raise ReliefError(f"{run} already holds a run ({has}); continue it with `relief train --resume {run}`, "
+                              "start it over with --overwrite, or choose another output.dir")
+        state.clear(run)
 
 
 def _next_batches(run_state: state.RunState, lengths: list[int], tc: TrainSection) -> list[list[int]]:
@@ -203,11 +225,12 @@ def _skip(run_state: state.RunState, loss: float, norm: float, max_bad_steps: in
     run_state.skipped_steps += 1
     emit("skip", {"step": run_state.step + 1, "loss": loss, "grad_norm": norm})
     if run_state.bad_steps >= max_bad_steps:
-        raise ReliefError(
-            f"{run_state.bad_steps} steps in a row had a NaN/inf loss or gradient (last at step "
-            f"{run_state.step + 1}); the last good checkpoint in {run / state.CHECKPOINT} is intact: "
-            "lower train.learning_rate or check the data, then resume with --resume"
-        )
+        kept = state.checkpoint_step(run)
+        left = (f"the checkpoint of step {kept} in {run / state.CHECKPOINT} is intact" if kept is not None
+                else "no checkpoint was written yet")
+        raise ReliefError(f"{run_state.bad_steps} steps in a row had a NaN/inf loss or gradient (last at step "
+                          f"{run_state.step + 1}); {left}: lower train.learning_rate or check the data and start over "
+                          f"with --overwrite, or continue with `relief train --resume {run}` if the cause has passed")
 
 
 def _log_step(run_state: state.RunState, session: dict, loss: float, lr: float, norm: float,
@@ -272,19 +295,30 @@ def _checkpoint(run: Path, model: nn.Module, optimizer: optim.Optimizer, run_sta
     emit("checkpoint", {"step": run_state.step, "path": str(run / state.CHECKPOINT)})
 
 
-def _resume(run: Path, model: nn.Module, optimizer: optim.Optimizer, identity: dict, group) -> state.RunState:
-    """Rank 0 reads RUN's checkpoint; every rank gets the same weights, optimizer state and position."""
+def _resume(run: Path, model: nn.Module, optimizer: optim.Optimizer, identity: dict, group,
+            examples: int) -> state.RunState:
+    """Rank 0 reads RUN's checkpoint (after putting back a copy a crash left aside); every rank
+    gets the same weights, optimizer state and position. A run with no checkpoint yet starts over."""
     saved = None
     if group.rank() == 0:
-        saved, adapters, optimizer_state = state.read_checkpoint(run)
-        state.check_identity(run, saved["identity"], identity)
-        state.restore(model, optimizer, adapters, optimizer_state, run)
-        state.rewrite_metrics(run, saved["progress"]["step"])
+        state.recover(run)
+        checkpoint = state.read_checkpoint(run)
+        if checkpoint is None:
+            warnings.warn(f"{run} has no checkpoint yet (it stopped before its first): starting it from step 0",
+                          ReliefWarning, stacklevel=2)
+        else:
+            saved, adapters, optimizer_state = checkpoint
+            state.check_identity(run, saved["identity"], identity)
+            state.restore(model, optimizer, adapters, optimizer_state, run)
+            state.save_adapter(run, model)  # a crash may have come between the checkpoint and this copy
+        state.rewrite_metrics(run, saved["progress"]["step"] if saved else 0)
     saved = distributed.broadcast_json(saved, group)
+    if saved is None:
+        return state.RunState()
     model.update(distributed.broadcast_tree(model.trainable_parameters(), group))
     optimizer.state = distributed.broadcast_tree(optimizer.state, group)
     mx.eval(model.trainable_parameters(), optimizer.state)
-    return state.RunState(**saved["progress"])
+    return state.check_progress(saved["progress"], run / state.CHECKPOINT / state.STATE, examples)
 
 
 # ---------------------------------------------------------------- pieces of a step

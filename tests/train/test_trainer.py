@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from train_helpers import assert_trees_close, write_dataset
 
-from relief_mlx.errors import ReliefError
+from relief_mlx.errors import ReliefError, ReliefWarning
 from relief_mlx.recipe import TrainSection
 from relief_mlx.train import resume_recipe, train
 from relief_mlx.train import state as state_module
@@ -243,7 +243,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(make_reci
     assert "\n" not in str(e.value)
     run = Path(recipe.output.dir)
     assert sorted(p.name for p in (run / "checkpoint").iterdir()) == ["adapters.safetensors", "optimizer.safetensors",
-                                                                       "state.json"]
+                                                                       "relief-manifest.json", "state.json"]
     assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no partial folder left
     monkeypatch.setattr(state_module, "save_arrays", real)
     resumed = train(resume_recipe(run), resume=run)
@@ -258,8 +258,11 @@ def json_step(recipe) -> int | None:
 def test_a_fresh_run_refuses_a_used_folder(make_recipe):
     recipe = make_recipe("train.iterations=1")
     train(recipe)
-    with pytest.raises(ReliefError, match=r"already holds files; continue that run with --resume"):
+    with pytest.raises(ReliefError, match=r"already holds a run \(checkpoint of step 1\); continue it with `relief "
+                                          r"train --resume .*`, start it over with --overwrite"):
         train(recipe)
+    again = train(recipe, overwrite=True)  # the way out: start it over
+    assert again.status == "finished" and again.summary["steps"] == 1
 
 
 def test_training_wires_the_model_memory_where_the_backend_recommends_it(make_recipe, monkeypatch):
@@ -289,12 +292,22 @@ def test_resume_finds_the_checkpoint_a_crash_left_between_the_two_renames(make_r
     "no complete checkpoint" although .checkpoint.old-PID held it whole."""
     first = train(make_recipe("train.iterations=2", "output.checkpoint_every=1"))
     run = first.run_dir
-    (run / "checkpoint").rename(run / ".checkpoint.old-4242")
-    resumed = train(resume_recipe(run, None, ("train.iterations=3",)), resume=run)
+    (run / "checkpoint").rename(run / f".checkpoint.old-{dead_pid()}")
+    with pytest.warns(ReliefWarning, match=r"checkpoint is missing; the complete copy .checkpoint.old-\d+ took its"):
+        resumed = train(resume_recipe(run, None, ("train.iterations=3",)), resume=run)
     assert resumed.summary["steps"] == 3
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3]  # continued from step 2, not from scratch
     assert (run / "checkpoint" / "state.json").is_file() and not list(run.glob(".checkpoint.old-*"))
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (a leftover of a live one is never touched)."""
+    import subprocess
+    import sys
+
+    process = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(process.stdout)
 
 
 def test_a_valid_split_with_no_example_that_fits_is_refused_when_the_data_loads(make_recipe, tmp_path):
