@@ -106,7 +106,7 @@ def save_checkpoint(run: Path, model: nn.Module, optimizer: optim.Optimizer, run
             write_manifest(tmp, {"format": FORMAT})
     except WriteError as e:
         raise ReliefError(f"could not write {run / CHECKPOINT} at step {run_state.step}: {e.reason}; "
-                          f"{intact(run)}") from e
+                          f"{intact(run)} once there is space") from e
 
 
 def is_run(run: Path) -> bool:
@@ -136,9 +136,8 @@ def intact(run: Path) -> str:
     """What is left to continue from after a failure, and how: the end of a one-line error."""
     step = checkpoint_step(run)
     if step is None:
-        return (f"no checkpoint was written yet: free disk space and start it again with `relief train --resume "
-                f"{run}` (it starts from step 0)")
-    return f"the checkpoint of step {step} is intact: free disk space and continue with `relief train --resume {run}`"
+        return f"no checkpoint was written yet: start it again with `relief train --resume {run}` (from step 0)"
+    return f"the checkpoint of step {step} is intact: continue with `relief train --resume {run}`"
 
 
 def recover(run: Path) -> None:

@@ -62,12 +62,17 @@ def train(recipe: Recipe, resume: str | Path | None = None, on_event: Event | No
     for the whole run, so a second run into it is refused; a failed write is one line saying what
     is left to continue from."""
     run = Path(resume) if resume else Path(recipe.output.dir)
-    owner = distributed.world().rank() == 0
+    group = distributed.world()
     try:
-        with folder_lock(run) if owner else contextlib.nullcontext():
+        with folder_lock(run) if group.rank() == 0 else contextlib.nullcontext():
             return _train(recipe, resume, on_event, overwrite)
     except WriteError as e:
-        raise ReliefError(f"could not write {e.path}: {e.reason}; {state.intact(run)}") from e
+        raise ReliefError(f"could not write {e.path}: {e.reason}; {state.intact(run)} once there is space") from e
+    except RuntimeError as e:
+        if group.size() == 1:
+            raise  # a bug, not a lost peer
+        raise ReliefError(f"rank {group.rank()} of {group.size()} lost the others ({e}): a rank stopped or its "
+                          f"machine went away; {state.intact(run)} on every rank") from e
 
 
 def _train(recipe: Recipe, resume: str | Path | None, on_event: Event | None, overwrite: bool) -> Result:

@@ -109,12 +109,37 @@ ROWS = [
 
 
 def write_tiny_data(folder: Path) -> Path:
-    """6 training, 2 validation and 1 scored test conversation, one short turn each."""
+    """6 training and 2 validation conversations, one short turn each, and 3 scored test items."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in ROWS]
-    test = [rows[8] | {"category": "logistics", "key_facts": [
-        {"fact": "do not drive", "any": ["not drive"]}, {"fact": "wait", "any": ["wait"]},
-        {"fact": "engineers", "any": ["engineer"]}]}]
+    facts = [{"fact": word, "any": [word]} for word in ("wait", "engineers", "register")]
+    test = [row | {"category": "logistics", "key_facts": facts} for row in rows[6:9]]
     for split, lines in {"train": rows[:6], "valid": rows[6:8], "test": test}.items():
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     return folder
+
+
+def launch(*args: str, fault: str | None = None, ranks: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`mlx.launch -n RANKS --backend ring -- python -m relief_mlx ARGS` on loopback; a launch that
+    outlives `timeout` is killed with its ranks (they share its session) and fails the test."""
+    import signal
+    import socket
+
+    import pytest
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    environment = {k: v for k, v in os.environ.items() if k not in ("RELIEF_FAULT", "PYTEST_CURRENT_TEST")}
+    environment |= {"RELIEF_FAULT": fault} if fault else {}
+    command = ["mlx.launch", "-n", str(ranks), "--backend", "ring", "--starting-port", str(port),
+               sys.executable, "-m", "relief_mlx", *args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
+                               start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        pytest.fail(f"{ranks} ranks did not finish in {timeout} s (a collective hung): {out[-2000:]}{err[-2000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, out, err)

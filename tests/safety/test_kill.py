@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-from pathlib import Path
 
 import pytest
 from harness import (
     assert_close,
     complete_or_absent,
+    launch,
     leftovers,
     metrics_steps,
     recipe_file,
@@ -140,7 +140,7 @@ def test_convert_killed_while_replacing_an_output_keeps_one_whole_copy(mini_hf, 
 @pytest.mark.survives("kill", "relief eval: SIGKILL inside an answer's append, inside the report, then run again")
 def test_eval_killed_mid_answer_or_mid_report_resumes_to_the_same_report(mini_mlx_f32, tiny_data, tmp_path,
                                                                          survival):
-    args = ["eval", "--model", str(mini_mlx_f32), "--data", str(tiny_data), "--split", "valid", "--max-tokens", "4",
+    args = ["eval", "--model", str(mini_mlx_f32), "--data", str(tiny_data), "--max-tokens", "4",
             "--batch-size", "1"]
     straight = relief(*args, "--out", str(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr
@@ -161,3 +161,34 @@ def test_eval_killed_mid_answer_or_mid_report_resumes_to_the_same_report(mini_ml
     assert [(r["id"], r["answer"], r["generated_tokens"]) for r in got] == \
         [(r["id"], r["answer"], r["generated_tokens"]) for r in want]
     assert leftovers(out) == []
+
+
+# ---------------------------------------------------------------- two ranks
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch is not installed")
+@pytest.mark.survives("kill", "relief train on 2 ranks (mlx.launch): SIGKILL of rank 0 inside a checkpoint write, "
+                              "then --resume on 2 ranks")
+def test_two_ranks_killed_inside_a_checkpoint_write_resume_to_the_one_rank_adapter(mini_mlx_f32, tiny_data,
+                                                                                   tmp_path):
+    """Rank 0 dies inside the step-4 checkpoint; rank 1 loses its peer at step 5 and says so in one
+    line; both resume from the step-2 checkpoint and end where one rank accumulating both ranks'
+    micro-batches ends."""
+    overrides = ("train.iterations=6",)
+    reference = train(load_recipe(recipe_file(tmp_path, mini_mlx_f32, tiny_data, tmp_path / "one", *overrides)))
+    run = tmp_path / "two"
+    recipe = recipe_file(tmp_path, mini_mlx_f32, tiny_data, run, *overrides)
+    killed = launch("train", str(recipe), fault=f"kill:2:write {run}/checkpoint/optimizer.safetensors")
+    assert "Traceback" not in killed.stderr, killed.stderr
+    assert "error: rank 1 of 2 lost the others" in killed.stderr, killed.stderr
+    assert "the checkpoint of step 2 is intact" in killed.stderr
+    complete_or_absent(run / "checkpoint", run / "best")
+    resumed = launch("train", "--resume", str(run))
+    assert resumed.returncode == 0 and "Traceback" not in resumed.stderr, resumed.stderr
+    assert json.loads((run / "summary.json").read_text())["world_size"] == 2
+    for name in ("adapters.safetensors", "checkpoint/adapters.safetensors", "checkpoint/optimizer.safetensors",
+                 "best/adapters.safetensors"):
+        assert_close(reference.run_dir / name, run / name, 1e-4)  # ranks sum in another order: float32 rounding
+    assert metrics_steps(run)[0] == [1, 2, 3, 4, 5, 6]
+    assert leftovers(run) == [] and leftovers(tmp_path) == []
