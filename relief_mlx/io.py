@@ -458,6 +458,7 @@ def _acquire(file: Path, target: Path) -> int:
     if previous.get("pid") not in (None, me["pid"]):
         warnings.warn(f"took over the lock of {target} from {_describe(previous)}, which is no longer running",
                       ReliefWarning, stacklevel=4)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(me).encode("utf-8"), 0)
+    with contextlib.suppress(OSError):  # a full disk: the flock still holds, only the record is missing
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode("utf-8"), 0)
     return fd

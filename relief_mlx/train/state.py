@@ -135,6 +135,8 @@ def checkpoint_step(run: Path) -> int | None:
 def intact(run: Path) -> str:
     """What is left to continue from after a failure, and how: the end of a one-line error."""
     step = checkpoint_step(run)
+    if step is None and not (run / RECIPE).is_file():
+        return "nothing of the run was written yet: run the same command again"
     if step is None:
         return f"no checkpoint was written yet: start it again with `relief train --resume {run}` (from step 0)"
     return f"the checkpoint of step {step} is intact: continue with `relief train --resume {run}`"
