@@ -5,7 +5,6 @@ mount one) and, at exact write points, through the writer that raises ENOSPC (RE
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from conftest import fill
@@ -16,14 +15,16 @@ from relief_mlx.errors import ReliefError
 from relief_mlx.recipe import load_recipe
 from relief_mlx.train import resume_recipe, train
 
-# Each write of a run the disk can fill in, as the RELIEF_FAULT label that fails it.
+# Each process of the chain fails at the n-th write matching its label (ENOSPC), then the run is
+# resumed (or, when nothing was written, run again) by the next; each label is reached in order.
 RUN_WRITES = [
-    ("a metrics.jsonl line (the regression: a half line, then no resume ever)", "append {run}/metrics.jsonl", 4),
-    ("best/ (the best adapter)", "write {run}/best/adapters.safetensors", 2),
-    ("checkpoint/ (the second one)", "write {run}/checkpoint/optimizer.safetensors", 2),
+    ("recipe.toml, the run's first write", "write {run}/recipe.toml", 1),
+    ("a metrics.jsonl line after a checkpoint (the regression: a half line, then no resume ever)",
+     "append {run}/metrics.jsonl", 4),
+    ("best/, replacing the best adapter", "write {run}/best/adapters.safetensors", 1),
+    ("checkpoint/, replacing the checkpoint", "write {run}/checkpoint/optimizer.safetensors", 1),
     ("the run's adapters.safetensors", "write {run}/adapters.safetensors", 2),
     ("summary.json", "write {run}/summary.json", 1),
-    ("recipe.toml at the start", "write {run}/recipe.toml", 1),
 ]
 
 
@@ -44,24 +45,24 @@ def reference(mini_mlx_f32, tiny_data, tmp_path_factory):
     return train(load_recipe(recipe_file(folder, mini_mlx_f32, tiny_data, folder / "run")))
 
 
-@pytest.mark.parametrize("what,label,n", RUN_WRITES, ids=[w[1].split()[1].split("/")[-1] + f"-{w[2]}"
-                                                          for w in RUN_WRITES])
 @pytest.mark.survives("full disk", "relief train: ENOSPC in each kind of write, then --resume")
-def test_a_full_disk_in_any_write_of_a_run_is_one_line_and_the_run_resumes(what, label, n, no_space, reference,
-                                                                           mini_mlx_f32, tiny_data, tmp_path,
-                                                                           monkeypatch):
+def test_a_full_disk_in_any_write_of_a_run_is_one_line_and_the_run_resumes(no_space, reference, mini_mlx_f32,
+                                                                           tiny_data, tmp_path, monkeypatch,
+                                                                           survival):
     run = tmp_path / "run"
     recipe = load_recipe(recipe_file(tmp_path, mini_mlx_f32, tiny_data, run))
-    no_space(label.format(run=run), n)
-    with pytest.raises(ReliefError, match=r"No space left on device; (the checkpoint of step \d+ is intact|no "
-                                          r"checkpoint was written yet|nothing of the run was written yet)") as e:
-        train(recipe)
-    assert "\n" not in str(e.value)
-    assert leftovers(run) == [] and leftovers(tmp_path) == []  # temporary files removed
-    if (run / "metrics.jsonl").exists():
-        metrics_steps(run)  # every line parses: no half line
+    for what, label, n in RUN_WRITES:
+        no_space(label.format(run=run), n)
+        with pytest.raises(ReliefError, match=r"No space left on device; (the checkpoint of step \d+ is intact|no "
+                                              r"checkpoint was written yet|nothing of the run was written yet)") as e:
+            train(resume_recipe(run), resume=run) if (run / "recipe.toml").exists() else train(recipe)
+        assert "\n" not in str(e.value), what
+        assert leftovers(run) == [] and leftovers(tmp_path) == [], what  # temporary files removed
+        if (run / "metrics.jsonl").exists():
+            metrics_steps(run)  # every line parses: no half line
+        survival.tried(what)
     monkeypatch.delenv("RELIEF_FAULT")
-    resumed = train(resume_recipe(run), resume=run) if (run / "recipe.toml").exists() else train(recipe)
+    resumed = train(resume_recipe(run), resume=run)
     assert resumed.status == "finished" and metrics_steps(run) == ([1, 2, 3, 4], [2, 4])
     for name in ("adapters.safetensors", "checkpoint/optimizer.safetensors", "best/adapters.safetensors"):
         assert_close(reference.run_dir / name, run / name, 1e-6)
@@ -114,26 +115,35 @@ def test_convert_onto_a_full_disk_is_refused_before_it_writes(small_disk, mini_h
 
 @pytest.mark.parametrize("label", ["model-00002-of-00003.safetensors", "relief-manifest.json"])
 @pytest.mark.survives("full disk", "relief convert: ENOSPC while writing a shard or the manifest")
-def test_convert_when_the_disk_fills_midway_removes_its_partial_output(label, mini_hf, tmp_path):
+def test_convert_when_the_disk_fills_midway_removes_its_partial_output(label, mini_hf, tmp_path, no_space):
+    from relief_mlx.checkpoint.convert import convert
+
     out = tmp_path / "converted"
-    done = relief("convert", str(mini_hf), "--out", str(out), "--experts", "float32", "--dtype", "float32",
-                  fault=f"enospc:1:{out}/{label}")
-    line = one_line_error(done)
-    assert f"could not write {out}: No space left on device" in line, line
+    no_space(f"{out}/{label}")
+    with pytest.raises(ReliefError, match=f"could not write {out}: No space left on device; what was there is "
+                                          "unchanged and the partial output was removed"):
+        convert(mini_hf, out, experts="float32", dtype="float32")
     assert not out.exists() and leftovers(tmp_path) == []
 
 
 @pytest.mark.survives("full disk", "relief eval: ENOSPC appending an answer, then run again")
-def test_eval_when_the_disk_fills_keeps_its_answers_and_resumes(mini_mlx_f32, tiny_data, tmp_path):
+def test_eval_when_the_disk_fills_keeps_its_answers_and_resumes(mini_mlx_f32, tiny_data, tmp_path, no_space,
+                                                                monkeypatch):
+    from relief_mlx.eval.run import EvalConfig, evaluate
+    from relief_mlx.recipe import DataSection
+
     out = tmp_path / "eval"
-    args = ["eval", "--model", str(mini_mlx_f32), "--data", str(tiny_data), "--max-tokens", "4", "--batch-size", "1",
-            "--out", str(out)]
-    line = one_line_error(relief(*args, fault=f"enospc:2:append {out}/examples.partial.jsonl"))
-    assert "could not append to" in line and "No space left on device" in line, line
+    config = EvalConfig(model=str(mini_mlx_f32), data=DataSection(path=str(tiny_data)), out=str(out), max_tokens=4,
+                        batch_size=1)
+    no_space(f"append {out}/examples.partial.jsonl", 2)
+    with pytest.raises(ReliefError, match="could not append to .*examples.partial.jsonl: No space left on device"):
+        evaluate(config)
     kept = (out / "examples.partial.jsonl").read_text().splitlines()
     assert len(kept) == 1 and json.loads(kept[0])["variant"] == "base"  # the first answer, whole
-    again = relief(*args)
-    assert again.returncode == 0 and "1 answers already in" in again.stderr, again.stderr
+    monkeypatch.delenv("RELIEF_FAULT")
+    events = []
+    evaluate(config, on_event=lambda kind, e: events.append((kind, e)))
+    assert [e["resumed"] for kind, e in events if kind == "start"] == [1]
 
 
 @pytest.mark.survives("full disk", "relief synth onto a disk without room: refused before writing")
