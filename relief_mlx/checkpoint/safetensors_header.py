@@ -32,7 +32,7 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     inconsistent file."""
     path = Path(path)
     if not path.is_file():
-        raise ReliefError(f"{path} is missing; download or write it again")
+        raise ReliefError(f"{path} is missing; download it again or write it again")
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -59,7 +59,7 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     if 8 + n + end != size:
         what = "truncated" if 8 + n + end > size else "longer than its tensors"
         raise ReliefError(f"{path} is {what} ({size:,} bytes, its header describes {8 + n + end:,}); "
-                          "download or write it again")
+                          "download it again or write it again")
     return {name: (dtype, shape) for name, (dtype, shape, _) in tensors.items()}
 
 
@@ -83,7 +83,7 @@ def _tensor(path: Path, name: str, entry: Any) -> tuple[str, tuple[int, ...], tu
 
 
 def _bad(path: Path, problem: str) -> ReliefError:
-    return ReliefError(f"{path} is not a valid safetensors file: {problem}; download or write it again")
+    return ReliefError(f"{path} is not a valid safetensors file: {problem}; download it again or write it again")
 
 
 def check(path: Path) -> Path:

@@ -142,7 +142,10 @@ class HarmonyTokenizer:
             raise ReliefError(f"{file} is not a tokenizer the tokenizers library can read "
                               f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}); "
                               "copy gpt-oss's tokenizer files again") from None
-        return cls(backend, copy=False)
+        try:
+            return cls(backend, copy=False)
+        except ReliefError as e:
+            raise ReliefError(f"{file}: {e}") from None
 
     @classmethod
     def from_any(cls, tok: Any) -> HarmonyTokenizer:
