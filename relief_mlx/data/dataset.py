@@ -53,6 +53,7 @@ from .harmony import (
     HarmonyTokenizer,
     Rendered,
     RenderOptions,
+    is_text,
     message_problem,
     render_training_pieces,
     resolve_tokenizer,
@@ -127,7 +128,7 @@ def _parse_line(raw: bytes | None) -> tuple[str, dict]:
         raise ValueError(f"is longer than {MAX_LINE_BYTES // 2**20} MiB, more text than gpt-oss's whole context "
                          "holds; split or shorten it")
     try:
-        obj = json.loads(raw.decode("utf-8"))
+        obj = json.loads(raw.decode("utf-8").removeprefix("\ufeff"))  # a byte order mark is no error
     except UnicodeDecodeError as e:
         raise ValueError(f"is not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from e
     except json.JSONDecodeError as e:
@@ -148,6 +149,8 @@ def _parse_line(raw: bytes | None) -> tuple[str, dict]:
     if "text" in obj:
         if not isinstance(obj["text"], str) or not obj["text"].strip():
             raise ValueError("has an empty or non-string `text`")
+        if not is_text(obj["text"]):
+            raise ValueError("has a `text` with a lone UTF-16 surrogate (a broken \\ud800 escape), which is not text")
         return "text", obj
     raise ValueError(
         "is in no known format (keys: "

@@ -219,11 +219,22 @@ def _one_message_problem(m: Any, strict: bool) -> str | None:
             return f"{key} is empty or not a string"
         if key == "thinking" and m["role"] != "assistant":
             return "only assistant messages may carry `thinking`"
+        if not is_text(value):
+            return f"{key} holds a lone UTF-16 surrogate (a broken \\ud800-\\udfff escape), which is not text"
         # In training data such text is a pasted rendering, not content; a live prompt may hold it.
         token = next((t for t in SPECIAL_IDS if t in value), None) if strict else None
         if token:
             return f"{key} contains the Harmony token text {token}; write plain text only"
     return None
+
+
+def is_text(value: str) -> bool:
+    """Whether `value` is encodable text: JSON's \\ud800 escape gives a lone surrogate, which is not."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check(messages: Any, for_training: bool) -> None:

@@ -15,6 +15,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
+try:  # the regular expression parser (a private module, stable since Python 3.5; renamed in 3.11)
+    from re import _parser as parser
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_parse as parser
+
 KEY_FACTS = (3, 6)  # entries per scored item, inclusive
 _TEXT_KEY = {"key_facts": "fact", "must_not": "claim"}
 
@@ -37,7 +42,28 @@ def _matcher_problem(entry: dict) -> str | None:
         return f"'regex' does not compile ({e})"
     if pattern.search(""):
         return "'regex' matches the empty string, so it matches every answer"
+    if _nested_repeat(parser.parse(entry["regex"])):
+        return ("'regex' repeats a repetition, like (a+)+, which can take exponential time on some answers; "
+                "write it without the nesting")
     return None
+
+
+def _nested_repeat(items: Any, inside: bool = False) -> bool:
+    """Whether a parsed pattern holds a repetition inside another (the shape behind catastrophic
+    backtracking: a hostile dataset could stall an evaluation on one answer)."""
+    for op, arg in items:
+        if op in (parser.MAX_REPEAT, parser.MIN_REPEAT):
+            low, high, sub = arg
+            repeats = high > 1
+            if (repeats and inside) or _nested_repeat(sub, inside or repeats):
+                return True
+        elif op == parser.SUBPATTERN and _nested_repeat(arg[-1], inside):
+            return True
+        elif op == parser.BRANCH and any(_nested_repeat(alt, inside) for alt in arg[1]):
+            return True
+        elif op in (parser.ASSERT, parser.ASSERT_NOT) and _nested_repeat(arg[1], inside):
+            return True
+    return False
 
 
 def entry_problem(entry: Any, field: str) -> str | None:
