@@ -439,19 +439,25 @@ def _lengths(ctx: click.Context, param: click.Parameter, value: str) -> tuple[in
 @click.option("--compare", type=click.Choice(["mlx-lm"]), multiple=True,
               help="Also run mlx-lm's generation and LoRA step on the same model, with ratios.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random weights, prompts and LoRA.")
-@click.option("--bandwidth-mib", default=256, show_default=True, help="Size of the array the bandwidth test reads.")
+@click.option("--bandwidth-mib", type=int,
+              help="Largest array the bandwidth probe reads, MiB (also half and a quarter of it) "
+                   "[default: 16x the last-level cache, at least 256 MiB; 2 GiB on a GPU].")
 @click.option("--out", type=click.Path(dir_okay=False),
               help="Write the results as JSON here, the chart beside it (.png).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Chart path [default: --out with .png].")
 def bench(model: str | None, preset: str | None, experts: str | None, prompt_lengths: tuple[int, ...],
           gen_lengths: tuple[int, ...], trials: int, prefill_chunk: int, recipe: str | None, train_seq: int | None,
-          no_training: bool, compare: tuple[str, ...], seed: int, bandwidth_mib: int, out: str | None,
+          no_training: bool, compare: tuple[str, ...], seed: int, bandwidth_mib: int | None, out: str | None,
           plot_path: str | None) -> None:
-    """Tokens/s and memory of generation and LoRA training, against the machine's bandwidth."""
+    """Tokens/s and memory of generation and LoRA training, against the machine's bandwidth.
+
+    Exits 1, after writing everything, when a decode reads faster than the measured bandwidth
+    limit: that is an error in the measurement, not a result."""
     from pathlib import Path
 
     from .bench import BenchConfig, run_bench
-    from .bench.report import format_table, plot, write
+    from .bench.memory import MeasurementError
+    from .bench.report import format_table, measurement_errors, plot, write
 
     config = BenchConfig(model=model, preset=preset, experts=experts, prompt_lengths=prompt_lengths,
                          gen_lengths=gen_lengths, trials=trials, prefill_chunk=prefill_chunk,
@@ -463,7 +469,8 @@ def bench(model: str | None, preset: str | None, experts: str | None, prompt_len
         click.echo(f"results -> {write(result, out)}")
     plot_path = plot_path or (str(Path(out).with_suffix(".png")) if out else None)
     if plot_path:
-        chart = plot(result, plot_path)
-        click.echo(f"chart -> {chart}" if chart
-                   else "no chart: matplotlib is not installed (pip install 'relief-mlx[plot]')")
+        click.echo(f"chart -> {plot(result, plot_path)}")
+    errors = measurement_errors(result)
+    if errors:
+        raise MeasurementError(errors[0] + (f" ({len(errors) - 1} more decode figures too)" if len(errors) > 1 else ""))
 # --- end bench ------------------------------------------------------------------------------
