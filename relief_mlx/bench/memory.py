@@ -33,8 +33,8 @@ MIB = 2**20
 # ---------------------------------------------------------------- bandwidth
 #
 # Measured like STREAM: a plain read of float32 arrays several times larger than the last-level
-# cache, by every usable core (numpy threads over disjoint slices) and by MLX on its device (a
-# reduction, and the matrix-vector product decode runs), the best trial of each size. STREAM
+# cache, by every usable core (numpy threads over disjoint slices: a sum and a max) and by MLX on
+# its device (a sum, and the matrix-vector product decode runs), the best trial of each size. STREAM
 # reports the best trial too: load from other processes only ever slows a read down, and a
 # limit must be what the memory can deliver. The limit is the fastest read on the device MLX
 # computes on: on a CPU backend the host's, on a GPU the GPU's own.
@@ -111,11 +111,17 @@ def _gbps(read: Callable[[], object], nbytes: int, trials: int) -> list[float]:
     return out
 
 
-def host_read(a: np.ndarray, pool: ThreadPoolExecutor, threads: int, trials: int) -> list[float]:
-    """GB/s of numpy sums of `a`, `threads` threads each over its own contiguous slice (numpy
-    releases the GIL in the reduction's inner loop, so the threads read in parallel)."""
+HOST_READS = {"sum": np.sum, "max": np.max}
+"""numpy reductions that read an array once: a sum, and a max (SIMD in numpy, faster than the
+pairwise sum on some CPUs); the probe keeps the faster."""
+
+
+def host_read(a: np.ndarray, pool: ThreadPoolExecutor, threads: int, trials: int) -> dict[str, list[float]]:
+    """GB/s of each numpy reduction of `a`, `threads` threads each over its own contiguous slice
+    (numpy releases the GIL in a reduction's inner loop, so the threads read in parallel)."""
     parts = np.array_split(a, threads)
-    return _gbps(lambda: list(pool.map(np.sum, parts)), a.nbytes, trials)
+    return {f"numpy {name}, {threads} threads": _gbps(lambda fn=fn: list(pool.map(fn, parts)), a.nbytes, trials)
+            for name, fn in HOST_READS.items()}
 
 
 def device_read(nbytes: int, trials: int) -> dict[str, list[float]]:
@@ -143,25 +149,30 @@ def measure_bandwidth(largest: int | None = None, trials: int = 5) -> dict:
     gpu = backend(mx) != "cpu"
     cache, cache_source = last_level_cache()
     threads = usable_cpus()
-    host = f"numpy sum, {threads} threads"
     sizes = {"host": probe_sizes(largest, cache, gpu=False), "device": probe_sizes(largest, cache, gpu)}
-    runs: dict[str, dict[int, list[float]]] = {host: {}, "mlx sum": {}, "mlx gemv": {}}
+    runs: dict[str, dict[int, list[float]]] = {}
     buffer = np.ones(sizes["host"][-1] // 4, np.float32)  # smaller sizes read a prefix of it
     with ThreadPoolExecutor(threads) as pool:
         for size in sizes["host"]:
-            runs[host][size] = host_read(buffer[: size // 4], pool, threads, trials)
+            for name, gbps in host_read(buffer[: size // 4], pool, threads, trials).items():
+                runs.setdefault(name, {})[size] = gbps
     del buffer
+    host = list(runs)
     for size in sizes["device"]:
         for name, gbps in device_read(size, trials).items():
-            runs[name][size] = gbps
+            runs.setdefault(name, {})[size] = gbps
     mx.clear_cache()
     kernels = {name: _fastest_size(by_size) for name, by_size in runs.items()}
-    limit_kernel = max([k for k in kernels if not gpu or k != host], key=lambda k: kernels[k]["best"])
+
+    def best(names: list[str]) -> str:
+        return max(names, key=lambda k: kernels[k]["best"])
+
+    limit_kernel = best([k for k in kernels if not gpu or k not in host])
     chip = cpu_model()
     return {
         "device": "gpu" if gpu else "cpu", "threads": threads, "trials": trials, "sizes_bytes": sizes,
         "last_level_cache_bytes": cache, "last_level_cache_source": cache_source,
-        "kernels_gbps": kernels, "host_gbps": kernels[host]["best"],
+        "kernels_gbps": kernels, "host_gbps": kernels[best(host)]["best"], "host_kernel": best(host),
         "limit_gbps": kernels[limit_kernel]["best"], "limit_kernel": limit_kernel,
         "chip": chip, "nominal_gbps": nominal_bandwidth(chip, os.cpu_count()),
     }
@@ -188,6 +199,19 @@ def bandwidth_share(tokens_per_s: float, bytes_per_token: float, limit_gbps: flo
             f"{share:.0%} of the measured bandwidth limit {limit_gbps:.3g} GB/s: the limit is wrong, not the "
             "decode; rerun on a quiet machine, with a larger --bandwidth-mib")
     return share
+
+
+def decode_share(row: dict, limit_gbps: float, what: str) -> dict:
+    """A decode row's (`tokens_per_s` summary, `bytes_per_token`) place under the limit: the
+    speed the limit allows, and the share the median trial reads, or, when any trial reads more
+    than the limit, `bandwidth_error` instead of a share."""
+    total, speed = row["bytes_per_token"]["total"], row["tokens_per_s"]
+    out = {"ceiling_tokens_per_s": limit_gbps * GB / total}
+    try:
+        bandwidth_share(speed["max"], total, limit_gbps, what)  # the fastest trial first
+        return out | {"bandwidth_fraction": bandwidth_share(speed["median"], total, limit_gbps, what)}
+    except MeasurementError as e:
+        return out | {"bandwidth_fraction": None, "bandwidth_error": str(e)}
 
 
 # ---------------------------------------------------------------- bytes per decoded token
