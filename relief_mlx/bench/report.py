@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from ..io import atomic_path, write_json
-from .stats import overlaps
+from .memory import decode_share
+from .stats import overlaps, summarize
 
 GIB = 2**30
 MIB = 2**20
@@ -136,7 +138,8 @@ def footnotes(result: dict) -> list[str]:
     trials = result["config"]["trials"]
     arch = result["model"]["architecture"]
     decode = next(iter(result["generation"]["runners"].values()))["decode"]
-    lines = [f"median (min-max) of {trials} trials; tok/s ratios trial by trial (runners alternate), "
+    runs = f" in {result['runs']} runs (processes)" if result.get("runs") else ""
+    lines = [f"median (min-max) of {trials} trials{runs}; tok/s ratios trial by trial (runners alternate), "
              "above 1x is faster; memory ratios below 1x are leaner"]
     lines += [bytes_line(row, arch) for row in decode]
     lines += [f"MEASUREMENT ERROR: {e}" for e in measurement_errors(result)]
@@ -181,9 +184,10 @@ def plot(result: dict, path: str | Path) -> Path:
     if training:
         _training_bars(axes[2], training)
     m, machine = result["model"], result["machine"]
+    runs = f" in {result['runs']} runs" if result.get("runs") else ""
     fig.suptitle(f"{m['source']}, {m['dtype']}, {m['experts']} experts | {machine['cpu']['model']}, "
                  f"{machine['backend']} backend, mlx {machine['versions'].get('mlx')} | "
-                 f"median of {result['config']['trials']} trials, whiskers min-max", fontsize=9)
+                 f"median of {result['config']['trials']} trials{runs}, whiskers min-max", fontsize=9)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=CHART_DPI)
     return Path(path)
@@ -217,6 +221,36 @@ def _training_bars(ax, training: dict) -> None:
     ax.set_ylabel("LoRA training tokens/s")
     ax.set_xlabel(f"rank {s['rank']}, {_targets(s)}, "
                   f"batch {s['batch_size']} x {s['seq']} tokens")
+
+
+def pool_runs(results: list[dict]) -> dict:
+    """Several results of one command (each its own process) as one: every timed figure and
+    trial-by-trial ratio summarizes the trials of all runs, other numbers are the runs' median,
+    the bandwidth is the run with the highest limit (STREAM's best trial), and every decode
+    share is taken again against it."""
+    pooled = _pool(results)
+    pooled["bandwidth"] = max((r["bandwidth"] for r in results), key=lambda bw: bw["limit_gbps"])
+    pooled["config"]["trials"] = sum(r["config"]["trials"] for r in results)
+    pooled["runs"] = len(results)
+    for runner, rows in pooled["generation"]["runners"].items():
+        for row in rows["decode"]:
+            row.pop("bandwidth_error", None)
+            row |= decode_share(row, pooled["bandwidth"]["limit_gbps"],
+                                f"{runner} decode of {row['generated_tokens']} tokens")
+    return pooled
+
+
+def _pool(values: list):
+    first = values[0]
+    if isinstance(first, dict) and {"median", "trials"} <= first.keys():  # a `summarize` result
+        return summarize([t for v in values for t in v["trials"]])
+    if isinstance(first, dict):
+        return {k: _pool([v.get(k) for v in values]) for k in first}
+    if isinstance(first, list) and first and isinstance(first[0], dict):
+        return [_pool(list(rows)) for rows in zip(*values, strict=True)]
+    if isinstance(first, (int, float)) and not isinstance(first, bool) and None not in values:
+        return statistics.median(values)
+    return first
 
 
 def agreement(a: dict, b: dict) -> list[dict]:

@@ -158,19 +158,11 @@ def _load_average() -> float | None:
 
 
 def _add_roofline(row: dict, config: dict, dtype_bytes: int, mxfp4: bool, limit_gbps: float, runner: str) -> None:
-    """Bytes read per decoded token (averaged over the run), the decode speed the bandwidth
-    allows (`ceiling_tokens_per_s`) and the share of it the median trial reads; when any trial
-    reads more than the limit, `bandwidth_error` says so instead of a share."""
+    """Bytes read per decoded token (averaged over the run) and their place under the bandwidth
+    limit (`memory.decode_share`)."""
     parts = memory.mean_decode_bytes(config, dtype_bytes, mxfp4, row["prompt_tokens"], row["generated_tokens"])
     row["bytes_per_token"] = {k: round(v) for k, v in parts.items()}
-    row["ceiling_tokens_per_s"] = limit_gbps * memory.GB / parts["total"]
-    speed = row["tokens_per_s"]
-    try:
-        memory.bandwidth_share(speed["max"], parts["total"], limit_gbps,  # the fastest trial first
-                               f"{runner} decode of {row['generated_tokens']} tokens")
-        row["bandwidth_fraction"] = memory.bandwidth_share(speed["median"], parts["total"], limit_gbps)
-    except memory.MeasurementError as e:
-        row["bandwidth_fraction"], row["bandwidth_error"] = None, str(e)
+    row |= memory.decode_share(row, limit_gbps, f"{runner} decode of {row['generated_tokens']} tokens")
 
 
 def _ratios(generation: dict, training: dict | None) -> dict:

@@ -155,3 +155,26 @@ def test_agreement_compares_min_max_ranges(compared):
     rows = {row["figure"]: row["agree"] for row in agreement(data, faster)}
     assert rows["relief decode 8 tok/s"] is False and rows["relief prefill 16 tok/s"] is True
     assert "| prefill 16 tok/s |" in markdown(data)
+
+
+def test_pooled_runs_summarize_every_trial_of_every_run(compared):
+    import copy
+
+    from relief_mlx.bench.report import markdown, pool_runs
+
+    _, data, _ = compared
+    runs = [copy.deepcopy(data) for _ in range(3)]
+    for k, run in enumerate(runs):
+        speed = run["generation"]["runners"]["relief"]["decode"][0]["tokens_per_s"]
+        speed["trials"] = [(k + 1) * t for t in speed["trials"]]
+        run["model"]["build_s"] = 10.0 * k
+    runs[1]["bandwidth"]["limit_gbps"] *= 4  # the best run's limit is the machine's
+    pooled = pool_runs(runs)
+    decode = pooled["generation"]["runners"]["relief"]["decode"][0]
+    (t,) = data["generation"]["runners"]["relief"]["decode"][0]["tokens_per_s"]["trials"]
+    assert decode["tokens_per_s"] == {"median": 2 * t, "min": t, "max": 3 * t, "trials": [t, 2 * t, 3 * t]}
+    assert pooled["model"]["build_s"] == 10.0 and pooled["config"]["trials"] == 3 and pooled["runs"] == 3
+    assert pooled["bandwidth"]["limit_gbps"] == 4 * data["bandwidth"]["limit_gbps"]
+    assert decode["bandwidth_fraction"] == pytest.approx(
+        2 * t * decode["bytes_per_token"]["total"] / (pooled["bandwidth"]["limit_gbps"] * 1e9))
+    assert "median (min-max) of 3 trials in 3 runs (processes)" in markdown(pooled)
