@@ -250,10 +250,11 @@ def _cell(s: dict | None, fmt: str) -> str:
 
 def table(runs: dict[str, dict], reference: str) -> str:
     n = len(runs[reference]["runs"])
-    lines = ["| trainer | tokens/s | peak MLX memory (GB) | peak RSS (GB) | relief is (tokens/s) |",
+    lines = ["| trainer | tokens/s | peak MLX memory (GB) | peak RSS (GB) | relief/this, tokens/s |",
              "|---|---:|---:|---:|---:|"]
     for name, r in runs.items():
-        ratio = "" if name == reference else _cell(paired(runs[reference], r, "tokens_per_s"), ".2f") + "x"
+        x = paired(runs[reference], r, "tokens_per_s")
+        ratio = "" if name == reference else f"{x['median']:.2f}x ({x['min']:.2f}-{x['max']:.2f})"
         lines.append(f"| {name} | {_cell(r['tokens_per_s'], '.1f')} | {_cell(r.get('peak_memory_gb'), '.2f')} | "
                      f"{_cell(r['peak_rss_gb'], '.2f')} | {ratio} |")
     return "\n".join(lines + ["", f"median (min-max) of {n} runs per trainer, alternated round by round"])
