@@ -6,10 +6,11 @@
 
 Each run is its own `python -m relief_mlx bench --compare mlx-lm` process (so `relief`'s BLAS preload
 applies, and no run inherits another's allocator cache) writing `bench-PRESET-BACKEND-runK.json` and
-`.png`. The runs are then pooled (`report.pool_runs`: every figure is the median, min and max of the
-trials of all runs; the bandwidth limit the best run's) into `bench-PRESET-BACKEND.json`, `.png` and
-`.md` (the README's table). It also checks, figure by figure, whether run 1 agrees with each later
-run within the min-max spread they report (`bench-PRESET-BACKEND-agreement.json`).
+`.png` (`--tag T`: `bench-PRESET-T-BACKEND-*`). The runs are then pooled (`report.pool_runs`: every
+figure is the median, min and max of the trials of all runs; the bandwidth limit the best run's)
+into `bench-PRESET-BACKEND.json`, `.png` and `.md` (the README's table). It also checks, figure by
+figure, whether run 1 agrees with each later run within the min-max spread they report
+(`bench-PRESET-BACKEND-agreement.json`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("--preset", default="mini", help="preset to synthesize in memory (default: mini)")
     parser.add_argument("--runs", type=int, default=MIN_RUNS, help=f"independent runs (at least {MIN_RUNS})")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--tag", help="added to the file names, e.g. dense for `-- --experts dense`")
     parser.add_argument("extra", nargs="*", help="more `relief bench` options, after --")
     args = parser.parse_args()
     if args.runs < MIN_RUNS:
@@ -43,7 +45,7 @@ def main() -> None:
 
     from relief_mlx.doctor import backend
 
-    stem = args.out_dir / f"bench-{args.preset}-{backend(mx)}"
+    stem = args.out_dir / "-".join(["bench", args.preset, *([args.tag] if args.tag else []), backend(mx)])
     results = []
     for k in range(1, args.runs + 1):
         out = Path(f"{stem}-run{k}.json")
