@@ -134,6 +134,7 @@ def test_refuses_in_one_line_before_allocating(monkeypatch, tmp_path):
     (["--preset", "mini", "--model", "x"], "exactly one of --model"),
     (["--preset", "mini", "--prompt-lengths", "0"], "--prompt-lengths"),
     (["--preset", "mini", "--compare", "vllm"], "vllm"),
+    (["--preset", "mini", "--bandwidth-mib", "0"], "--bandwidth-mib 0 is not valid"),
     (["--preset", "nano"], "unknown preset 'nano'"),
 ])
 def test_bad_options_are_one_line_errors(args, wrong):
