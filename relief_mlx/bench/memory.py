@@ -196,8 +196,9 @@ def bandwidth_share(tokens_per_s: float, bytes_per_token: float, limit_gbps: flo
     if share > 1:
         raise MeasurementError(
             f"{what} at {tokens_per_s:.4g} tokens/s reads {read:.3g} GB/s ({bytes_per_token / 1e6:.4g} MB/token), "
-            f"{share:.0%} of the measured bandwidth limit {limit_gbps:.3g} GB/s: the limit is wrong, not the "
-            "decode; rerun on a quiet machine, with a larger --bandwidth-mib")
+            f"{share:.0%} of the measured bandwidth limit {limit_gbps:.3g} GB/s: no decode reads faster than "
+            "memory, so the limit (or the bytes counted per token) is wrong; rerun on a quiet machine, with a "
+            "larger --bandwidth-mib")
     return share
 
 
