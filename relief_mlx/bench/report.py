@@ -6,11 +6,9 @@ import statistics
 from pathlib import Path
 
 from ..io import atomic_path, write_json
-from .memory import decode_share
+from .memory import GIB, MIB, decode_share
 from .stats import overlaps, summarize
 
-GIB = 2**30
-MIB = 2**20
 RUNNER_COLORS = {"relief": "#2a6f97", "mlx-lm": "#e07a1f"}
 
 
