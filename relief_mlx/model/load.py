@@ -50,14 +50,9 @@ def build_model(config: dict, weights: dict[str, mx.array], dtype: mx.Dtype | No
     return model
 
 
-def load(path: str | Path, adapter: str | Path | None = None, dtype: mx.Dtype | None = None,
-         lazy: bool = False):
-    """Load a converted checkpoint (folder or Hub id) and its tokenizer: `(model, tokenizer)`.
-
-    `adapter` is a LoRA adapter folder written by `relief train` or `mlx_lm.lora`.
-    """
-    from mlx_lm.utils import load_tokenizer
-
+def load_model(path: str | Path, adapter: str | Path | None = None, dtype: mx.Dtype | None = None,
+               lazy: bool = False) -> tuple[Model, dict]:
+    """Load a converted checkpoint (folder or Hub id) without its tokenizer: `(model, config)`."""
     path, _ = hub.resolve(path)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -70,5 +65,18 @@ def load(path: str | Path, adapter: str | Path | None = None, dtype: mx.Dtype | 
         apply_adapter(model, adapter)
     if not lazy:
         mx.eval(model.parameters())
+    return model, config
+
+
+def load(path: str | Path, adapter: str | Path | None = None, dtype: mx.Dtype | None = None,
+         lazy: bool = False):
+    """Load a converted checkpoint (folder or Hub id) and its tokenizer: `(model, tokenizer)`.
+
+    `adapter` is a LoRA adapter folder written by `relief train` or `mlx_lm.lora`.
+    """
+    from mlx_lm.utils import load_tokenizer
+
+    path, _ = hub.resolve(path)
+    model, config = load_model(path, adapter, dtype, lazy)
     eos = [config["eos_token_id"]] if isinstance(config.get("eos_token_id"), int) else config.get("eos_token_id")
     return model, load_tokenizer(path, eos_token_ids=eos)
