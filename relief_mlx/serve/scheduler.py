@@ -66,6 +66,8 @@ class Ticket:
     stop: StopText | None = None
     done: bool = False
     reasoning_tokens: int = 0
+    logprobs: list[dict] = field(default_factory=list)
+    """One entry per content token, when the request asked for them."""
     cancelled: bool = False
 
 
@@ -221,6 +223,7 @@ class Scheduler:
             text = self.engine.harmony.decode([step.token])
             event.logprobs.append({"token": text, "logprob": step.logprob, "bytes": list(text.encode()),
                                    "top_logprobs": []})
+            ticket.logprobs += event.logprobs
         self._route(ticket, event, delta)
         if answer.done or ticket.stop.stopped:
             self._route(ticket, event, answer.close())
@@ -250,7 +253,7 @@ class Scheduler:
             finish_reason="stop" if ticket.stop.stopped or reason in ("stop", "call") else "length",
             prompt_tokens=len(ticket.prompt), completion_tokens=len(answer.tokens),
             reasoning_tokens=ticket.reasoning_tokens, cached_tokens=last.reused_tokens if last else 0,
-            token_ids=list(answer.tokens))
+            token_ids=list(answer.tokens), logprobs=ticket.logprobs if ticket.job.logprobs else None)
         self.counters.served += 1
         self.counters.prompt_tokens += completion.prompt_tokens
         self.counters.cached_tokens += completion.cached_tokens

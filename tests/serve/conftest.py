@@ -1,10 +1,12 @@
 """Live `relief serve` processes on loopback for the server and page tests, and the checkpoints they serve.
 
 `scripted_mlx` is the float32 mini checkpoint turned into a bigram model whose greedy answer is a
-known Harmony message pair (analysis "Think it over.", final "Hello world, stay safe."): attention
+known Harmony message (`<|channel|>final<|message|>Hello world, stay safe.<|return|>`): attention
 and expert outputs are zeroed, so the last hidden state is the current token's normalized
-embedding, and lm_head rows point each scripted token at its successor. It lets tests check real
-channels, content and stops end to end; the plain random `mini_mlx_f32` checks token identity.
+embedding, and lm_head rows point each scripted token at its successor. It lets tests check
+content and stops end to end (a bigram chain cannot hold two messages: `<|message|>` would need two
+successors; test_scheduler.py checks the analysis channel); the random `mini_mlx_f32` checks token
+identity.
 """
 
 from __future__ import annotations
@@ -23,17 +25,15 @@ import mlx.core as mx
 import openai
 import pytest
 
-from relief_mlx.data.harmony import CHANNEL, END, MESSAGE, RETURN, START, HarmonyTokenizer
+from relief_mlx.data.harmony import CHANNEL, MESSAGE, RETURN, HarmonyTokenizer
 
-ANALYSIS, FINAL = "Think it over.", "Hello world, stay safe."
+FINAL = "Hello world, stay safe."
 KEY = "test-key-123"
 
 
 def script_tokens(tok: HarmonyTokenizer) -> list[int]:
-    """What the scripted model generates after `<|start|>assistant`: every id once (a bigram
-    chain), so the second header spells `<|channel|>` as plain text and ` assistant` with a space."""
-    ids = [CHANNEL, *tok.encode("analysis"), MESSAGE, *tok.encode(ANALYSIS), END, START, *tok.encode(" assistant"),
-           *tok.encode("<|channel|>"), *tok.encode("final"), MESSAGE, *tok.encode(FINAL), RETURN]
+    """What the scripted model generates after `<|start|>assistant`: every id once (a bigram chain)."""
+    ids = [CHANNEL, *tok.encode("final"), MESSAGE, *tok.encode(FINAL), RETURN]
     assert len(set(ids)) == len(ids), "the script must use each token once"
     return ids
 
