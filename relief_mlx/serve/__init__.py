@@ -66,15 +66,16 @@ def build(config: ServeConfig, scratch: Path, say: Callable[[str], None] = lambd
     from .app import create_app
     from .scheduler import Scheduler
 
-    names = adapter_names(config.model, config.adapters)
+    adapters: dict[str, Path | None] = {config.model: None}
+    for i, (name, path) in enumerate(adapter_names(config.model, config.adapters).items()):
+        (scratch / str(i)).mkdir()
+        adapters[name] = adapter_folder(path, scratch / str(i))  # a missing adapter fails before the model loads
     say(f"loading {config.model}")
     engine = Engine.load(config.model)
-    adapters: dict[str, Path | None] = {config.model: None}
-    for i, (name, path) in enumerate(names.items()):
-        (scratch / str(i)).mkdir()
-        adapters[name] = adapter_folder(path, scratch / str(i))
-        apply_adapter(engine.model, adapters[name])  # fails now, in one line, if it does not fit
-        remove_adapter(engine.model)
+    for folder in adapters.values():
+        if folder is not None:
+            apply_adapter(engine.model, folder)  # fails now, in one line, if it does not fit the model
+            remove_adapter(engine.model)
     scheduler = Scheduler(engine, adapters, max_batch=config.max_batch, max_queue=config.max_queue,
                           prompt_cache=config.prompt_cache, prefill_chunk=config.prefill_chunk)
     return create_app(engine, scheduler, api_key=config.api_key, max_tokens_limit=config.max_tokens_limit,
