@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..data.harmony import REASONING_EFFORTS, SPECIAL_IDS, message_problem
-from ..errors import ReliefError
 from ..generate.harmony_stream import HarmonyStream
 from ..generate.sampling import SamplingConfig
 
@@ -423,8 +422,3 @@ def check_room(prompt_tokens: int, job: Job, context: int, limit: int) -> int:
                             "completion). Please reduce the length of the messages or completion.",
                        param="messages", code="context_length_exceeded")
     return min(job.max_tokens or limit, context - prompt_tokens)
-
-
-def relief_error(e: ReliefError) -> ApiError:
-    """A ReliefError from rendering (a message the template refuses) as a 400."""
-    return ApiError(400, str(e), param="messages")

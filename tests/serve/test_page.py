@@ -8,10 +8,10 @@ import os
 import shutil
 
 import pytest
-from conftest import FINAL, KEY
 from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
+from serve_helpers import FINAL, KEY
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ import time
 
 import openai
 import pytest
-from conftest import FINAL, KEY, script_tokens
+from serve_helpers import FINAL, KEY, script_tokens
 
 from relief_mlx.data.harmony import SPECIAL_IDS, RenderOptions, render_prompt
 
