@@ -83,10 +83,21 @@ def build(config: ServeConfig, scratch: Path, say: Callable[[str], None] = lambd
 
 
 def serve(config: ServeConfig, say: Callable[[str], None] = lambda _: None) -> None:
-    """Build the app and run it on uvicorn until interrupted."""
+    """Build the app and run it on uvicorn until interrupted (Ctrl-C, SIGTERM). On the signal the
+    requests in flight end at once with a 503 (streams get it as their last event), so uvicorn's
+    graceful shutdown does not wait for answers that would never be read."""
     import uvicorn
 
     with tempfile.TemporaryDirectory(prefix="relief-serve-") as scratch:
         app = build(config, Path(scratch), say)
+        server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
+                                               timeout_graceful_shutdown=10))
+        exit_uvicorn = server.handle_exit
+
+        def handle_exit(sig, frame) -> None:
+            app.state.scheduler.stop(timeout=0)
+            exit_uvicorn(sig, frame)
+
+        server.handle_exit = handle_exit
         say(f"serving on http://{config.host}:{config.port} (chat page at /, API at /v1)")
-        uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=5)
+        server.run()

@@ -271,5 +271,7 @@ def create_app(engine: Engine, scheduler: Scheduler, **limits) -> Starlette:
     routes = [Route("/", api.page), Route("/health", api.health), Route("/v1/models", api.models),
               Route("/v1/chat/completions", api.chat, methods=["POST"]),
               Route("/v1/responses", api.responses, methods=["POST"])]
-    return Starlette(routes=routes, lifespan=lifespan,
-                     exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _server_error})
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _server_error})
+    app.state.scheduler = scheduler
+    return app
