@@ -1,5 +1,5 @@
-"""Helpers of the server tests: the scripted checkpoint's answer, and a live `relief serve`
-subprocess on a free loopback port."""
+"""Helpers of the server tests: the scripted checkpoint's answer, a live `relief serve` subprocess
+on a free loopback port, and a model stand-in whose batch rows each follow a token script."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from relief_mlx.data.harmony import CHANNEL, MESSAGE, RETURN, HarmonyTokenizer
+import mlx.core as mx
+
+from relief_mlx.data.harmony import CHANNEL, END, MESSAGE, RETURN, START, HarmonyTokenizer
 
 FINAL = "Hello world, stay safe."
 KEY = "test-key-123"
@@ -80,3 +82,55 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+VOCAB = 201_088
+
+
+class StepCache:
+    """Each row's count of decode steps; merges, extends and filters as mlx-lm's batch caches do."""
+
+    def __init__(self, steps: list[int] | None = None):
+        self.steps = steps if steps is not None else [0]
+
+    def merge(self, caches: list[StepCache]) -> StepCache:
+        return StepCache([s for c in caches for s in c.steps])
+
+    def extend(self, other: StepCache) -> None:
+        self.steps += other.steps
+
+    def filter(self, index: mx.array) -> None:
+        self.steps = [self.steps[i] for i in index.tolist()]
+
+    @property
+    def state(self) -> tuple:
+        return (list(self.steps),)
+
+    @state.setter
+    def state(self, value: tuple) -> None:
+        self.steps = list(value[0])
+
+
+class ScriptedRows:
+    """Quacks like the gpt-oss Model in a batch: row b's n-th decode step 'predicts' script[n]."""
+
+    def __init__(self, script: list[int], filler: int = 11):
+        self.script, self.filler = script, filler
+        self.model = lambda tokens, cache=None: mx.zeros((*tokens.shape, 1))  # prefill chunks
+
+    def make_cache(self) -> list:
+        return [StepCache()]
+
+    def __call__(self, tokens: mx.array, cache: list) -> mx.array:  # (B, 1) -> (B, 1, V)
+        steps = cache[0].steps
+        nxt = mx.array([self.script[s] if s < len(self.script) else self.filler for s in steps])
+        cache[0].steps = [s + 1 for s in steps]
+        return mx.where(mx.arange(VOCAB)[None] == nxt[:, None], 30.0, 0.0)[:, None, :]
+
+
+def script(tok) -> list[int]:
+    def ids(*parts):
+        return [t for p in parts for t in ([p] if isinstance(p, int) else tok.encode(p))]
+
+    return ids(CHANNEL, "analysis", MESSAGE, "Think.", END, START, "assistant", CHANNEL, "final", MESSAGE,
+               "Boil it.", RETURN)
