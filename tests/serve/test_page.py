@@ -65,6 +65,7 @@ def test_the_page_streams_an_answer(browser, scripted_server, scripted_mlx, tmp_
     browser.find_element(By.ID, "input").send_keys("And for cooking?\n")  # Enter sends
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant .answer")) == 2
                and d.find_elements(By.CSS_SELECTOR, ".msg.assistant .answer")[1].text == FINAL)
+    wait.until(lambda d: d.find_element(By.ID, "send").is_enabled())  # the stream ended: the counters are in
     assert scripted_server.health()["counters"]["cached_tokens"] > before
     browser.find_element(By.ID, "reset").click()
     assert browser.find_elements(By.CSS_SELECTOR, ".msg") == []
