@@ -600,3 +600,35 @@ def eval_command(model, adapters, data, split, out, limit, categories, batch_siz
         click.echo(line)
     click.echo(f"report -> {result.files['report']}")
 # --- end eval ---------------------------------------------------------------------------------
+
+
+# --- serve (relief_mlx.serve) ---------------------------------------------------------------
+@cli.command()
+@click.option("--model", required=True, help="Converted checkpoint folder or Hub id (also its model id in the API).")
+@click.option("--adapter", "adapters", multiple=True, metavar="[NAME=]PATH",
+              help="A LoRA adapter served as model id NAME (default: PATH); repeatable.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--api-key", envvar="RELIEF_API_KEY",
+              help="Require `Authorization: Bearer KEY` on /v1 (or set RELIEF_API_KEY).")
+@click.option("--max-batch", default=8, show_default=True, help="Requests decoded together in one forward pass.")
+@click.option("--max-queue", default=64, show_default=True, help="Requests waiting for a row before new ones get 429.")
+@click.option("--max-tokens-limit", default=4096, show_default=True,
+              help="Most tokens one request may generate (its default too).")
+@click.option("--max-body-mb", default=1.0, show_default=True, help="Largest request body; larger ones get 413.")
+@click.option("--prompt-cache", default=8, show_default=True, help="Prompt-cache snapshots kept per model id.")
+@click.option("--prefill-chunk", default=512, show_default=True, help="Prompt tokens per forward pass.")
+def serve(model, adapters, host, port, api_key, max_batch, max_queue, max_tokens_limit, max_body_mb, prompt_cache,
+          prefill_chunk) -> None:
+    """Serve a model (and adapters) over an OpenAI-compatible API, with a chat page at /."""
+    from .serve import ServeConfig
+    from .serve import serve as run
+
+    config = ServeConfig(model=model, adapters=adapters, host=host, port=port, api_key=api_key, max_batch=max_batch,
+                         max_queue=max_queue, max_tokens_limit=max_tokens_limit, max_body_mb=max_body_mb,
+                         prompt_cache=prompt_cache, prefill_chunk=prefill_chunk)
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use the model",
+                   err=True)
+    run(config, say=lambda line: click.echo(line, err=True))
+# --- end serve ------------------------------------------------------------------------------
