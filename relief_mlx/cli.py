@@ -1,7 +1,8 @@
 """The `relief` command: each subcommand parses options, calls one library function, prints.
 
-Options mean one thing across commands: `--out` is always a folder the command writes (a file
-has an option named for what it holds: `--answers`, `--results`, `--plot`); `--model` is a
+Options mean one thing across commands: `--out` is what the command writes, a folder, except where
+the output is one file (`bench --out r.json`, the chart beside it; `generate --answers` names its
+JSONL for what it holds); `--model` is a
 converted model, `--tokenizer` a folder holding tokenizer.json; `--preset`, `--experts`,
 `--dtype`, `--mask` and `--reasoning` offer the same choices everywhere (`relief_mlx.choices`);
 `--recipe` is a recipe file or a bundled recipe's name.
@@ -565,19 +566,25 @@ def _lengths(ctx: click.Context, param: click.Parameter, value: str) -> tuple[in
 @click.option("--compare", type=click.Choice(["mlx-lm"]), multiple=True,
               help="Also run mlx-lm's generation and LoRA step on the same model, with ratios.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random weights, prompts and LoRA.")
-@click.option("--bandwidth-mib", default=256, show_default=True, help="Size of the array the bandwidth test reads.")
-@click.option("--results", type=click.Path(dir_okay=False),
-              help="Write the results as JSON to this file, the chart beside it (.png).")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Chart file [default: --results with .png].")
+@click.option("--bandwidth-mib", type=int,
+              help="Largest array the bandwidth probe reads, MiB (also half and a quarter of it) "
+                   "[default: 16x the last-level cache, at least 256 MiB; 2 GiB on a GPU].")
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="File to write the results to as JSON; the chart goes beside it (.png).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Chart file [default: --out with .png].")
 def bench(model: str | None, preset: str | None, experts: str | None, prompt_lengths: tuple[int, ...],
           gen_lengths: tuple[int, ...], trials: int, prefill_chunk: int, recipe: str | None, train_seq: int | None,
-          no_training: bool, compare: tuple[str, ...], seed: int, bandwidth_mib: int, results: str | None,
+          no_training: bool, compare: tuple[str, ...], seed: int, bandwidth_mib: int | None, out: str | None,
           plot_path: str | None) -> None:
-    """Tokens/s and memory of generation and LoRA training, against the machine's bandwidth."""
+    """Tokens/s and memory of generation and LoRA training, against the machine's bandwidth.
+
+    Exits 1, after writing everything, when a decode reads faster than the measured bandwidth
+    limit: that is an error in the measurement, not a result."""
     from pathlib import Path
 
     from .bench import BenchConfig, run_bench
-    from .bench.report import format_table, plot, write
+    from .bench.memory import MeasurementError
+    from .bench.report import format_table, measurement_errors, plot, write
 
     config = BenchConfig(model=model, preset=preset, experts=experts, prompt_lengths=prompt_lengths,
                          gen_lengths=gen_lengths, trials=trials, prefill_chunk=prefill_chunk,
@@ -585,13 +592,14 @@ def bench(model: str | None, preset: str | None, experts: str | None, prompt_len
                          bandwidth_mib=bandwidth_mib)
     result = run_bench(config, say=lambda message: click.echo(f"bench: {message}", err=True))
     click.echo(format_table(result))
-    if results:
-        click.echo(f"results -> {write(result, results)}")
-    plot_path = plot_path or (str(Path(results).with_suffix(".png")) if results else None)
+    if out:
+        click.echo(f"results -> {write(result, out)}")
+    plot_path = plot_path or (str(Path(out).with_suffix(".png")) if out else None)
     if plot_path:
-        chart = plot(result, plot_path)
-        click.echo(f"chart -> {chart}" if chart
-                   else "no chart: matplotlib is not installed (pip install 'relief-mlx[plot]')")
+        click.echo(f"chart -> {plot(result, plot_path)}")
+    errors = measurement_errors(result)
+    if errors:
+        raise MeasurementError(errors[0] + (f" ({len(errors) - 1} more decode figures too)" if len(errors) > 1 else ""))
 # --- end bench ------------------------------------------------------------------------------
 
 
@@ -636,3 +644,35 @@ def eval_command(model, adapters, data, split, out, limit, categories, batch_siz
         click.echo(line)
     click.echo(f"report -> {result.files['report']}")
 # --- end eval ---------------------------------------------------------------------------------
+
+
+# --- serve (relief_mlx.serve) ---------------------------------------------------------------
+@cli.command()
+@click.option("--model", required=True, help="Converted checkpoint folder or Hub id (also its model id in the API).")
+@click.option("--adapter", "adapters", multiple=True, metavar="[NAME=]PATH",
+              help="A LoRA adapter served as model id NAME (default: PATH); repeatable.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--api-key", envvar="RELIEF_API_KEY",
+              help="Require `Authorization: Bearer KEY` on /v1 (or set RELIEF_API_KEY).")
+@click.option("--max-batch", default=8, show_default=True, help="Requests decoded together in one forward pass.")
+@click.option("--max-queue", default=64, show_default=True, help="Requests waiting for a row before new ones get 429.")
+@click.option("--max-tokens-limit", default=4096, show_default=True,
+              help="Most tokens one request may generate (its default too).")
+@click.option("--max-body-mb", default=1.0, show_default=True, help="Largest request body; larger ones get 413.")
+@click.option("--prompt-cache", default=8, show_default=True, help="Prompt-cache snapshots kept per model id.")
+@click.option("--prefill-chunk", default=512, show_default=True, help="Prompt tokens per forward pass.")
+def serve(model, adapters, host, port, api_key, max_batch, max_queue, max_tokens_limit, max_body_mb, prompt_cache,
+          prefill_chunk) -> None:
+    """Serve a model (and adapters) over an OpenAI-compatible API, with a chat page at /."""
+    from .serve import ServeConfig
+    from .serve import serve as run
+
+    config = ServeConfig(model=model, adapters=adapters, host=host, port=port, api_key=api_key, max_batch=max_batch,
+                         max_queue=max_queue, max_tokens_limit=max_tokens_limit, max_body_mb=max_body_mb,
+                         prompt_cache=prompt_cache, prefill_chunk=prefill_chunk)
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use the model",
+                   err=True)
+    run(config, say=lambda line: click.echo(line, err=True))
+# --- end serve ------------------------------------------------------------------------------

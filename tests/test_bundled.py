@@ -73,5 +73,6 @@ def test_the_wheel_carries_recipes_and_dataset_and_runs_the_demo_from_an_empty_f
                "--set", "validation.max_batches=1", "--max-tokens", "4", cwd=empty)
     assert "adapters -> runs/adapter" in done.stdout, done.stdout + done.stderr
     summary = json.loads((empty / "runs" / "adapter" / "summary.json").read_text())
-    assert summary["steps"] == 2 and summary["data"]["train"]["examples"] == 288
+    bundled_train = len((ROOT / "datasets" / "emergency_relief" / "train.jsonl").read_text().splitlines())
+    assert summary["steps"] == 2 and summary["data"]["train"]["examples"] == bundled_train
     assert sorted(p.name for p in empty.iterdir()) == ["runs"]  # nothing written outside --out

@@ -2,8 +2,9 @@
 
 `run_bench(config)` reads top to bottom: check that the model fits (before allocating anything),
 describe the machine, measure its memory bandwidth, build the model, time generation, put every
-decode figure next to the bandwidth limit, time a LoRA step, compare with mlx-lm. It returns
-plain JSON-able values; `report` turns them into a table, a JSON file and a chart.
+decode figure next to the bandwidth limit (a share above 100% is recorded as a measurement error),
+time a LoRA step, compare with mlx-lm. It returns plain JSON-able values; `report` turns them
+into a table, a JSON file and a chart.
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ class BenchConfig:
     """Also run these implementations on the same model: mlx-lm."""
     seed: int = 0
     """Seed of the random weights, prompts and LoRA initialization."""
-    bandwidth_mib: int = 256
-    """Size of the array the bandwidth test reads."""
+    bandwidth_mib: int | None = None
+    """Largest array the bandwidth probe reads, MiB (also half and a quarter of it); default:
+    16x the last-level cache, at least 256 MiB (2 GiB on a GPU)."""
 
     def __post_init__(self) -> None:
         for name in ("prompt_lengths", "gen_lengths"):
@@ -65,7 +67,7 @@ class BenchConfig:
                 raise ReliefError(f"--{name.replace('_', '-')} {','.join(map(str, values))!r} is not valid; "
                                   "give whole numbers of 1 or more, comma-separated")
         for name in ("trials", "prefill_chunk", "bandwidth_mib"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ReliefError(f"--{name.replace('_', '-')} {getattr(self, name)} is not valid; use 1 or more")
         if self.train_seq is not None and self.train_seq < 16:
             raise ReliefError(f"--train-seq {self.train_seq} is too short; use 16 tokens or more")
@@ -97,7 +99,7 @@ def run_bench(config: BenchConfig, say: Say | None = None) -> dict:
     machine = diagnose()
     load_before = _load_average()
     say("memory bandwidth")
-    bandwidth = memory.measure_bandwidth(config.bandwidth_mib * 2**20)
+    bandwidth = memory.measure_bandwidth(config.bandwidth_mib and config.bandwidth_mib * memory.MIB)
 
     # -- the model
     say(f"model: building {src.label}")
@@ -119,9 +121,9 @@ def run_bench(config: BenchConfig, say: Say | None = None) -> dict:
     # -- generation, each decode figure against the bandwidth limit
     generation = bench_generation(model, runners, config.prompt_lengths, config.gen_lengths, config.trials,
                                   config.prefill_chunk, config.seed, say)
-    for rows in generation.values():
+    for runner, rows in generation.items():
         for row in rows["decode"]:
-            _add_roofline(row, src.config, dtype_bytes, src.mxfp4, bandwidth["limit_gbps"])
+            _add_roofline(row, src.config, dtype_bytes, src.mxfp4, bandwidth["limit_gbps"], runner)
 
     # -- training
     training = None
@@ -153,13 +155,12 @@ def _load_average() -> float | None:
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
-def _add_roofline(row: dict, config: dict, dtype_bytes: int, mxfp4: bool, limit_gbps: float) -> None:
-    """Bytes read per decoded token (averaged over the run) and the share of the bandwidth the
-    measured speed uses; `ceiling_tokens_per_s` is the decode speed the bandwidth allows."""
+def _add_roofline(row: dict, config: dict, dtype_bytes: int, mxfp4: bool, limit_gbps: float, runner: str) -> None:
+    """Bytes read per decoded token (averaged over the run) and their place under the bandwidth
+    limit (`memory.decode_share`)."""
     parts = memory.mean_decode_bytes(config, dtype_bytes, mxfp4, row["prompt_tokens"], row["generated_tokens"])
     row["bytes_per_token"] = {k: round(v) for k, v in parts.items()}
-    row["ceiling_tokens_per_s"] = limit_gbps * memory.GB / parts["total"]
-    row["bandwidth_fraction"] = row["tokens_per_s"]["median"] / row["ceiling_tokens_per_s"]
+    row |= memory.decode_share(row, limit_gbps, f"{runner} decode of {row['generated_tokens']} tokens")
 
 
 def _ratios(generation: dict, training: dict | None) -> dict:

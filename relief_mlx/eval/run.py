@@ -124,7 +124,7 @@ def evaluate(config: EvalConfig, on_event: Event | None = None, loaded: tuple[An
 
 
 def _evaluate(config: EvalConfig, on_event: Event | None, loaded: tuple[Any, Any] | None) -> EvalResult:
-    from ..generate.engine import DEFAULT_CONTEXT, Engine, adapter_folder
+    from ..generate.engine import DEFAULT_CONTEXT, Engine, adapter_folder, stop_ids
     from ..model.load import build_model, read_config, read_weights
     from ..train.state import model_fingerprint
     from .report import write
@@ -144,7 +144,8 @@ def _evaluate(config: EvalConfig, on_event: Event | None, loaded: tuple[Any, Any
         remove_adapter(model)  # the trainer's own LoRA layers, when it hands its model over
         mx.eval(model.parameters())
         # mlx-lm's tokenizer wrapper is not needed (and takes seconds to build): Harmony does it all
-        engine = Engine(model, harmony, harmony, model_config.get("max_position_embeddings", DEFAULT_CONTEXT))
+        engine = Engine(model, harmony, model_config.get("max_position_embeddings", DEFAULT_CONTEXT),
+                        stop_ids(model_dir))
         base_fp = _digest({"model": model_fingerprint(model_dir, model), **_settings(config),
                            "dtype": str(model.model.embed_tokens.weight.dtype)})
         variants = [Variant("base", None, None, base_fp)]

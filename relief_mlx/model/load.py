@@ -66,14 +66,9 @@ def build_model(config: dict, weights: dict[str, mx.array], dtype: mx.Dtype | No
     return model
 
 
-def load(path: str | Path, adapter: str | Path | None = None, dtype: mx.Dtype | None = None,
-         lazy: bool = False, wrapper: bool = True):
-    """Load a converted checkpoint (folder or Hub id) and its tokenizer: `(model, tokenizer)`.
-
-    `adapter` is a LoRA adapter folder written by `relief train` or `mlx_lm.lora`. The tokenizer
-    is mlx-lm's TokenizerWrapper, or with `wrapper=False` relief's `HarmonyTokenizer` alone
-    (what training and Harmony parsing use; building mlx-lm's wrapper too costs seconds).
-    """
+def load_model(path: str | Path, adapter: str | Path | None = None, dtype: mx.Dtype | None = None,
+               lazy: bool = False) -> tuple[Model, dict]:
+    """Load a converted checkpoint (folder or Hub id) without its tokenizer: `(model, config)`."""
     path, _ = hub.resolve(path)
     config = read_config(path)
     check_tokenizer_files(path)  # before any weight is read: no code from a model folder
@@ -89,6 +84,19 @@ def load(path: str | Path, adapter: str | Path | None = None, dtype: mx.Dtype | 
         apply_adapter(model, adapter)
     if not lazy:
         mx.eval(model.parameters())
+    return model, config
+
+
+def load(path: str | Path, adapter: str | Path | None = None, dtype: mx.Dtype | None = None,
+         lazy: bool = False, wrapper: bool = True):
+    """Load a converted checkpoint (folder or Hub id) and its tokenizer: `(model, tokenizer)`.
+
+    `adapter` is a LoRA adapter folder written by `relief train` or `mlx_lm.lora`. The tokenizer
+    is mlx-lm's TokenizerWrapper, or with `wrapper=False` relief's `HarmonyTokenizer` alone
+    (what training and Harmony parsing use; building mlx-lm's wrapper too costs seconds).
+    """
+    path, _ = hub.resolve(path)
+    model, config = load_model(path, adapter, dtype, lazy)
     if not wrapper:
         from ..data.harmony import HarmonyTokenizer
 

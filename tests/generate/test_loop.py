@@ -70,8 +70,8 @@ def test_incremental_decoding_equals_full_forward_across_the_window(mini_loaded)
     ids = mx.array(random_prompt(272, seed=2), dtype=mx.int32)
     start = 96  # prefill 96 tokens in chunks of 40, then decode across 128 (window) and 256 (cache step)
     cache = model.make_cache()
-    rows = [prefill(model, ids[:start], cache, chunk=40)[0]]
-    rows += [decode(model, ids[t:t + 1], cache)[0] for t in range(start, ids.size)]
+    rows = [prefill(model, ids[None, :start], cache, chunk=40)[0]]
+    rows += [decode(model, ids[t:t + 1], cache)[0] for t in range(start, ids.size)]  # (1,) rows
     incremental = np.array(mx.stack(rows))  # (positions, V) for positions start-1 .. end-1
     hidden = model.model(ids[None])[0, start - 1:]  # full pass, no cache: masks instead
     # lm_head of the full pass in numpy (fast BLAS); the model's own lm_head runs in `rows`
@@ -84,8 +84,8 @@ def test_incremental_decoding_equals_full_forward_across_the_window(mini_loaded)
 def test_prefill_chunk_size_does_not_change_the_answer(mini_loaded):
     model, _ = mini_loaded
     prompt = random_prompt(300, seed=3)
-    one = np.array(prefill(model, mx.array(prompt), model.make_cache(), chunk=512))
-    many = np.array(prefill(model, mx.array(prompt), model.make_cache(), chunk=70))
+    one = np.array(prefill(model, mx.array([prompt]), model.make_cache(), chunk=512))
+    many = np.array(prefill(model, mx.array([prompt]), model.make_cache(), chunk=70))
     assert np.abs(one - many).max() < 1e-4
 
 

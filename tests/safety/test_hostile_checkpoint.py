@@ -179,8 +179,8 @@ def test_a_torn_checkpoint_file_is_named_by_the_manifest(name, trained, tmp_path
     run = tmp_path / "run"
     clone(trained, run, {"checkpoint": None})
     clone(trained / "checkpoint", run / "checkpoint", {file: tear((trained / "checkpoint" / file).read_bytes())})
-    with pytest.raises(ReliefError, match=rf"{re.escape(expect)}.*no complete copy is left to resume from: start the run over "
-                                          r"with `relief train .*recipe.toml --overwrite`") as e:
+    with pytest.raises(ReliefError, match=rf"{re.escape(expect)}.*no complete copy is left to resume from: start "
+                                          r"the run over with `relief train .*recipe.toml --overwrite`") as e:
         state.read_checkpoint(run)
     assert "\n" not in str(e.value) and "checkpoint" in str(e.value)
 
@@ -203,7 +203,8 @@ def test_a_damaged_checkpoint_gives_way_to_a_complete_copy_with_a_warning(traine
 def test_a_truncated_model_shard_is_named(mini_mlx_f32, tmp_path):
     shard = sorted(mini_mlx_f32.glob("model-*.safetensors"))[1]
     folder = clone(mini_mlx_f32, tmp_path / "model", {shard.name: shard.read_bytes()[: shard.stat().st_size // 3]})
-    with pytest.raises(ReliefError, match=rf"{folder / shard.name} is truncated \(\d[\d,]* bytes, its header describes"):
+    with pytest.raises(ReliefError, match=rf"{folder / shard.name} is truncated \(\d[\d,]* bytes, its header "
+                                          r"describes"):
         relief_mlx.load(folder)
 
 
@@ -445,8 +446,9 @@ def test_an_adapter_trained_on_another_base_of_the_same_shape_is_refused(trained
     other = convert(synth("mini", tmp_path / "other-hf", seed=1), tmp_path / "other", experts="float32",
                     dtype="float32")
     assert (other / "config.json").read_bytes() == (mini_mlx_f32 / "config.json").read_bytes()  # same shapes
-    with pytest.raises(ReliefError, match=rf"adapter {trained} was trained on {mini_mlx_f32} \(weights [0-9a-f]{{12}}\), "
-                                          rf"not on {other} \(weights [0-9a-f]{{12}}\): same shapes, other weights"):
+    with pytest.raises(ReliefError, match=rf"adapter {trained} was trained on {mini_mlx_f32} \(weights "
+                                          rf"[0-9a-f]{{12}}\), not on {other} \(weights [0-9a-f]{{12}}\): same "
+                                          r"shapes, other weights"):
         relief_mlx.load(other, adapter=trained)
     load_model(mini_mlx_f32, adapter=trained, wrapper=False)  # its own base: fine
     load_model(mini_mlx, adapter=trained, wrapper=False)  # the same weights converted to MXFP4: fine too
