@@ -195,9 +195,10 @@ def inspect(model: str, as_json: bool, recipe: str | None) -> None:
     click.echo("parameters")
     for k, v in info["parameters"].items():
         click.echo(f"  {k:<22} {v:>16,}")
-    click.echo("weights in memory")
+    limit, where = info["available"]["bytes"], info["available"]["source"]
+    click.echo("weights in memory" + (f" (this machine: {limit / 2**30:,.1f} GiB, {where})" if limit else ""))
     for k, v in info["memory_bytes"].items():
-        click.echo(f"  {k:<34} {v / 2**30:>8.2f} GiB")
+        click.echo(f"  {k:<34} {v / 2**30:>8.2f} GiB" + ("  does not fit" if limit and v > limit else ""))
     if "lora" in info:
         lora = info["lora"]
         click.echo(f"LoRA of {recipe}: {lora['trainable']:,} trainable of {lora['total']:,} ({lora['percent']:.4f}%)")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .. import hub
 from ..errors import ReliefError
+from ..io import read_json
 from .presets import PRESETS, count_parameters, hf_config
 
 MXFP4_BYTES = (4 + 8 / 32) / 8  # a 4-bit value plus its share of one E8M0 scale per 32
@@ -22,16 +22,17 @@ def model_config(model: str) -> tuple[dict, str]:
         if not file.is_file():
             raise ReliefError(f"{path} has no config.json; pass a checkpoint folder, a Hub id "
                               f"or a preset ({', '.join(PRESETS)})")
-        return json.loads(file.read_text()), str(path)
+        return read_json(file, fix="download it again"), str(path)
     if not hub.is_hub_id(model):
         raise ReliefError(f"{model} is not a preset ({', '.join(PRESETS)}), a folder or a Hub id")
     from huggingface_hub import hf_hub_download
 
     try:
-        return json.loads(Path(hf_hub_download(model, "config.json")).read_text()), model
+        file = Path(hf_hub_download(model, "config.json"))
     except Exception as e:  # offline, 404, auth: huggingface_hub has many error types
         raise ReliefError(f"could not get config.json of {model} from the Hub ({type(e).__name__}); "
                           "pass a folder or a preset") from e
+    return read_json(file, fix="download it again"), model
 
 
 def memory_table(counts: dict[str, int]) -> dict[str, int]:
@@ -46,9 +47,15 @@ def memory_table(counts: dict[str, int]) -> dict[str, int]:
 
 
 def inspect_model(model: str) -> dict:
+    """What `relief inspect` shows; `available` is what this machine's backend can hold (each
+    storage of the weights above it is marked as not fitting)."""
+    from .limits import available, check_config
+
     config, source = model_config(model)
     if config.get("model_type") != "gpt_oss":
         raise ReliefError(f"{source}: model_type {config.get('model_type')!r} is not 'gpt_oss'")
+    check_config(config, source)
+    limit, where = available()
     counts = count_parameters(config)
     keys = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_local_experts",
             "num_experts_per_tok", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -62,4 +69,5 @@ def inspect_model(model: str) -> dict:
         },
         "parameters": counts,
         "memory_bytes": memory_table(counts),
+        "available": {"bytes": limit, "source": where},
     }

@@ -48,7 +48,7 @@ def build_model(config: dict, weights: dict[str, mx.array], dtype: mx.Dtype | No
     Refused before anything is allocated when the machine cannot hold them (`limits.check_memory`)."""
     dtype = dtype or default_dtype()
     check_config(config, "config.json")
-    check_memory("the model's weights", weight_bytes(config, dtype.size, bool(config.get("quantization"))),
+    check_memory("loading the model", weight_bytes(config, dtype.size, bool(config.get("quantization"))),
                  "use a machine with more memory, or MXFP4 experts (`relief convert --experts mxfp4`)",
                  f"{config['num_hidden_layers']} layers, hidden size {config['hidden_size']}, {dtype}")
     model = Model(ModelArgs.from_dict(config))

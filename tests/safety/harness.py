@@ -143,3 +143,15 @@ def launch(*args: str, fault: str | None = None, ranks: int = 2, timeout: float 
         out, err = process.communicate()
         pytest.fail(f"{ranks} ranks did not finish in {timeout} s (a collective hung): {out[-2000:]}{err[-2000:]}")
     return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
+def clone(src: Path, dst: Path, files: dict[str, bytes | None]) -> Path:
+    """`dst`: links to every file of `src`, except `files` (written as given, or left out for None)."""
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.name not in files:
+            (dst / f.name).symlink_to(f.resolve())
+    for name, content in files.items():
+        if content is not None:
+            (dst / name).write_bytes(content)
+    return dst

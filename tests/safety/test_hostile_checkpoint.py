@@ -15,7 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from harness import one_line_error, recipe_file, relief
+from harness import clone, one_line_error, recipe_file, relief
 
 import relief_mlx
 from relief_mlx.checkpoint.convert import convert
@@ -67,18 +67,6 @@ HEADERS = {
     "random bytes": np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes(),
     "all zeros": bytes(4096),
 }
-
-
-def clone(src: Path, dst: Path, files: dict[str, bytes | None]) -> Path:
-    """`dst`: links to every file of `src`, except `files` (written as given, or left out for None)."""
-    dst.mkdir(parents=True)
-    for f in src.iterdir():
-        if f.name not in files:
-            (dst / f.name).symlink_to(f.resolve())
-    for name, content in files.items():
-        if content is not None:
-            (dst / name).write_bytes(content)
-    return dst
 
 
 def refused(error: ReliefError, file: Path) -> str:
