@@ -17,3 +17,10 @@ class WriteError(ReliefError):
 class ReliefWarning(UserWarning):
     """Something the user should know that stops nothing (a stale lock taken over, a damaged
     checkpoint passed over for an older complete one); `cli.py` prints it as one line."""
+
+
+def shown(text: object, limit: int = 60) -> str:
+    """Input text as a message quotes it: as written, or its repr (cut to `limit`) when it holds a
+    line break or other unprintable character or is long, so an error stays one readable line."""
+    text = str(text)
+    return text if text.isprintable() and len(text) <= limit else repr(text)[:limit]

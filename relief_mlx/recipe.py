@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .choices import DTYPES, MASK_MODES, REASONING_EFFORTS
-from .errors import ReliefError
+from .errors import ReliefError, shown
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -269,7 +269,8 @@ def _section(name: str, table: Any, where: str) -> Any:
     types = _field_types(cls)
     unknown = sorted(set(table) - set(types))
     if unknown:
-        raise ReliefError(f"{where}: unknown key {name}.{unknown[0]}; known keys of [{name}]: {', '.join(types)}")
+        raise ReliefError(f"{where}: unknown key {name}.{shown(unknown[0])}; known keys of [{name}]: "
+                          f"{', '.join(types)}")
     values = {k: _coerce(v, types[k], f"{name}.{k}") for k, v in table.items()}
     return cls(**values)
 
@@ -278,9 +279,10 @@ def from_dict(tables: dict[str, Any], where: str = "recipe") -> Recipe:
     """A validated Recipe from nested tables (a parsed TOML file); errors name `where` and the key."""
     unknown = sorted(set(tables) - set(SECTIONS))
     if unknown:
-        raise ReliefError(f"{where}: unknown section [{unknown[0]}]; sections are {', '.join(SECTIONS)}")
+        raise ReliefError(f"{where}: unknown section [{shown(unknown[0])}]; sections are {', '.join(SECTIONS)}")
     try:
-        if "path" not in tables.get("model", {}):
+        model = tables.get("model", {})
+        if not isinstance(model, dict) or "path" not in model:
             raise ReliefError('model.path is missing; add [model] path = "models/..." or --set model.path=DIR')
         return Recipe(**{name: _section(name, tables[name], where) for name in SECTIONS if name in tables})
     except ReliefError as e:

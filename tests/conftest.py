@@ -98,9 +98,9 @@ try:
     from hypothesis import HealthCheck, settings
 
     settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True, print_blob=True,
-                              suppress_health_check=[HealthCheck.too_slow])
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
     settings.register_profile("soak", max_examples=20_000, deadline=None, print_blob=True,
-                              suppress_health_check=[HealthCheck.too_slow])
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
     settings.load_profile("ci")
 except ImportError:  # hypothesis is a test dependency; tests/safety/test_fuzz.py needs it
     pass

@@ -20,7 +20,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from ..errors import ReliefError
+from ..errors import ReliefError, shown
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
@@ -49,11 +49,11 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     if not isinstance(header, dict):
         raise _bad(path, "its header is not a JSON object")
     header.pop("__metadata__", None)
-    tensors = {name: _tensor(path, name, entry) for name, entry in header.items()}
+    tensors = {name: _tensor(path, shown(name), entry) for name, entry in header.items()}
     end = 0
     for name, (_, _, (start, stop)) in sorted(tensors.items(), key=lambda t: (t[1][2], t[0])):
         if start != end:
-            raise _bad(path, f"tensor {name} starts at byte {start} of the data, but the previous one ends at {end} "
+            raise _bad(path, f"tensor {shown(name)} starts at byte {start} of the data, but the previous one ends at {end} "
                              "(overlapping or a gap)")
         end = stop
     if 8 + n + end != size:
@@ -67,7 +67,7 @@ def _tensor(path: Path, name: str, entry: Any) -> tuple[str, tuple[int, ...], tu
     if not isinstance(entry, dict):
         raise _bad(path, f"tensor {name}'s entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_BYTES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
         raise _bad(path, f"tensor {name} has dtype {dtype!r}, not one of {', '.join(DTYPE_BYTES)}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                               for d in shape):
@@ -86,9 +86,15 @@ def _bad(path: Path, problem: str) -> ReliefError:
     return ReliefError(f"{path} is not a valid safetensors file: {problem}; download it again or write it again")
 
 
+MLX_CANNOT_LOAD = ("F64", "F8_E5M2")  # MLX 0.32's safetensors reader raises on these
+
+
 def check(path: Path) -> Path:
-    """`path`, once its header has passed `read_header` (for callers about to `mx.load` it)."""
-    read_header(path)
+    """`path`, once its header has passed `read_header` and holds only dtypes MLX loads (for
+    callers about to `mx.load` it)."""
+    for name, (dtype, _) in read_header(path).items():
+        if dtype in MLX_CANNOT_LOAD:
+            raise _bad(path, f"tensor {name} is {dtype}, a dtype MLX cannot load")
     return path
 
 

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from .. import bundled
-from ..errors import ReliefError
+from ..errors import ReliefError, shown
 from ..recipe import DataSection
 from .harmony import (
     PAD,
@@ -154,7 +154,8 @@ def _parse_line(raw: bytes | None) -> tuple[str, dict]:
         return "text", obj
     raise ValueError(
         "is in no known format (keys: "
-        f"{', '.join(sorted(obj)) or 'none'}); expected messages, prompt+completion or text"
+        f"{', '.join(shown(k) for k in sorted(obj)[:10]) or 'none'}); expected "
+        "messages, prompt+completion or text"
     )
 
 

@@ -105,3 +105,16 @@ def tiny_data(tmp_path_factory) -> Path:
     from harness import write_tiny_data
 
     return write_tiny_data(tmp_path_factory.mktemp("data") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def reference_run(mini_mlx_f32, tiny_data, tmp_path_factory):
+    """The uninterrupted run of `harness.recipe_file`'s recipe (4 steps, checkpoint and validation
+    every 2) that every interrupted run is compared with."""
+    from harness import recipe_file
+
+    from relief_mlx.recipe import load_recipe
+    from relief_mlx.train import train
+
+    folder = tmp_path_factory.mktemp("reference")
+    return train(load_recipe(recipe_file(folder, mini_mlx_f32, tiny_data, folder / "run")))

@@ -106,22 +106,29 @@ def test_commands_refuse_an_out_folder_another_process_writes(command, mini_hf, 
     assert not out.exists()
 
 
-@pytest.mark.parametrize("command", ["train", "convert"])
-@pytest.mark.survives("concurrent writer", "a lock left by a writer that died: taken over with a warning")
-def test_a_stale_lock_from_a_dead_process_is_taken_over_with_a_warning(command, mini_hf, mini_mlx_f32, tiny_data,
-                                                                       tmp_path):
+@pytest.mark.survives("concurrent writer", "a lock left by a writer that died: taken over with a warning (command "
+                                           "line)")
+def test_a_stale_lock_from_a_dead_process_is_taken_over_with_a_warning(mini_hf, tmp_path):
     out = tmp_path / "out"
     pid = dead_pid()
-    lock_file(out).write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "command": "relief train",
+    lock_file(out).write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "command": "relief convert",
                                           "since": "2025-01-01 00:00:00"}))
-    args = {"train": ("train", str(recipe_file(tmp_path, mini_mlx_f32, tiny_data, out, "train.iterations=1"))),
-            "convert": ("convert", str(mini_hf), "--out", str(out))}[command]
-    done = relief(*args)
+    done = relief("convert", str(mini_hf), "--out", str(out))
     assert done.returncode == 0, done.stderr
     warnings = [line for line in done.stderr.splitlines() if line.startswith("warning: ")]
     assert warnings == [f"warning: took over the lock of {out} from pid {pid} on {socket.gethostname()} "
-                        "(`relief train`, since 2025-01-01 00:00:00), which is no longer running"], done.stderr
+                        "(`relief convert`, since 2025-01-01 00:00:00), which is no longer running"], done.stderr
     assert not lock_file(out).exists()  # released at the end
+
+
+@pytest.mark.survives("concurrent writer", "a training run's lock left by a run that died: taken over")
+def test_a_run_takes_over_the_lock_of_a_run_that_died(mini_mlx_f32, tiny_data, tmp_path):
+    run = tmp_path / "run"
+    pid = dead_pid()
+    lock_file(run).write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "command": "relief train"}))
+    with pytest.warns(ReliefWarning, match=rf"took over the lock of {run} from pid {pid}"):
+        result = train(load_recipe(recipe_file(tmp_path, mini_mlx_f32, tiny_data, run, "train.iterations=1")))
+    assert result.status == "finished" and not lock_file(run).exists()
 
 
 @pytest.mark.survives("concurrent writer", "a lock held on another machine (shared disk): refused, with the way out")

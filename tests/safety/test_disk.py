@@ -39,10 +39,9 @@ def no_space(monkeypatch):
     monkeypatch.delenv("RELIEF_FAULT", raising=False)
 
 
-@pytest.fixture(scope="module")
-def reference(mini_mlx_f32, tiny_data, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("reference")
-    return train(load_recipe(recipe_file(folder, mini_mlx_f32, tiny_data, folder / "run")))
+@pytest.fixture
+def reference(reference_run):
+    return reference_run
 
 
 @pytest.mark.survives("full disk", "relief train: ENOSPC in each kind of write, then --resume")

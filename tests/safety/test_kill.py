@@ -44,10 +44,10 @@ RTOL = 1e-6  # a resumed run recomputes the same steps: float32 rounding at most
 @pytest.mark.slow
 @pytest.mark.survives("kill", "relief train: SIGKILL inside each kind of write, then --resume")
 def test_train_killed_in_every_kind_of_write_resumes_to_the_uninterrupted_adapter(
-        mini_mlx_f32, tiny_data, tmp_path, survival):
+        mini_mlx_f32, tiny_data, tmp_path, survival, reference_run):
     """Regression: a run killed before its first checkpoint could be neither resumed ("no complete
     checkpoint") nor started again ("already holds files")."""
-    reference = train(load_recipe(recipe_file(tmp_path, mini_mlx_f32, tiny_data, tmp_path / "reference")))
+    reference = reference_run
     run = tmp_path / "run"
     recipe = recipe_file(tmp_path, mini_mlx_f32, tiny_data, run)
     for number, (what, label) in enumerate(TRAIN_CHAIN):

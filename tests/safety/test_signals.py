@@ -10,9 +10,6 @@ import json
 import pytest
 from harness import assert_close, leftovers, metrics_steps, recipe_file, relief
 
-from relief_mlx.recipe import load_recipe
-from relief_mlx.train import train
-
 CONVERT = ("convert", "--experts", "float32", "--dtype", "float32")
 
 
@@ -29,8 +26,8 @@ def test_a_signal_during_convert_removes_the_partial_output(signal_name, code, l
 @pytest.mark.parametrize("signal_name", ["sigterm", "sigint"])
 @pytest.mark.survives("signal", "SIGTERM / SIGINT to relief train: it checkpoints, stops, and --resume continues")
 def test_a_signal_during_training_checkpoints_and_the_run_resumes_exactly(signal_name, mini_mlx_f32, tiny_data,
-                                                                          tmp_path):
-    reference = train(load_recipe(recipe_file(tmp_path, mini_mlx_f32, tiny_data, tmp_path / "reference")))
+                                                                          tmp_path, reference_run):
+    reference = reference_run
     run = tmp_path / "run"
     recipe = recipe_file(tmp_path, mini_mlx_f32, tiny_data, run)
     done = relief("train", str(recipe), fault=f"{signal_name}:3:append {run}/metrics.jsonl")  # in step 2's validation
