@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from ..checkpoint.safetensors_header import check
-from ..errors import ReliefError, shown
+from ..errors import ReliefError
 from ..io import MANIFEST, read_json
 
 ADAPTER_CONFIG = "adapter_config.json"
