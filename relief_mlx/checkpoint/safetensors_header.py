@@ -53,8 +53,8 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     end = 0
     for name, (_, _, (start, stop)) in sorted(tensors.items(), key=lambda t: (t[1][2], t[0])):
         if start != end:
-            raise _bad(path, f"tensor {shown(name)} starts at byte {start} of the data, but the previous one ends at {end} "
-                             "(overlapping or a gap)")
+            raise _bad(path, f"tensor {shown(name)} starts at byte {start} of the data, but the previous one ends "
+                             f"at {end} (overlapping or a gap)")
         end = stop
     if 8 + n + end != size:
         what = "truncated" if 8 + n + end > size else "longer than its tensors"

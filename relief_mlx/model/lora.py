@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from ..checkpoint.safetensors_header import check
-from ..errors import ReliefError
+from ..errors import ReliefError, shown
 from ..io import MANIFEST, read_json
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -43,7 +43,7 @@ def apply_adapter(model: nn.Module, adapter_dir: str | Path) -> dict:
     params = dict(tree_flatten(model.parameters()))
     for name, value in weights.items():
         if name not in params:
-            raise ReliefError(f"{weights_file}: tensor {name} has no place in this model; "
+            raise ReliefError(f"{weights_file}: tensor {shown(name)} has no place in this model; "
                               "the adapter was trained for another model")
         if params[name].shape != value.shape:
             raise ReliefError(
