@@ -91,7 +91,7 @@ def _stop_on_sigterm() -> None:
 
     def stop(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends at once
-        click.echo("stopped by SIGTERM; partial output removed, nothing complete was touched", err=True)
+        click.echo("stopped by SIGTERM", err=True)
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)

@@ -22,11 +22,11 @@ from importlib import resources
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..errors import ReliefError
+from ..errors import ReliefError, shown
 from ..generate.engine import Engine
 from . import protocol as p
 from .protocol import ApiError, Job
@@ -59,18 +59,23 @@ class Api:
         if declared.isdigit() and int(declared) > self.max_body * DRAIN_FACTOR:
             raise _too_large(int(declared), self.max_body)
         body, size = bytearray(), 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size <= self.max_body:
-                body += chunk
-            elif size > self.max_body * DRAIN_FACTOR:
-                break
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size <= self.max_body:
+                    body += chunk
+                elif size > self.max_body * DRAIN_FACTOR:
+                    break
+        except ClientDisconnect:  # the client left mid-body: nobody to answer, nothing to log
+            raise ApiError(400, "the client closed the connection before its body arrived") from None
         if size > self.max_body:
             raise _too_large(size, self.max_body)
         try:
             return json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the body is not valid JSON ({e}); send a JSON object") from None
+        except ValueError as e:  # not JSON, not UTF-8, an integer of more than 4,300 digits
+            raise ApiError(400, f"the body is not valid JSON ({shown(e, 200)}); send a JSON object") from None
+        except RecursionError:
+            raise ApiError(400, "the body nests JSON deeper than any request does; send a JSON object") from None
 
     def decode_harmony(self, text: str) -> str:
         return p.final_text(text, self.engine.harmony.encode, self.engine.harmony.decode)
