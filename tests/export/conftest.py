@@ -1,0 +1,47 @@
+"""Adapters on the mini checkpoints for the export tests: LoRA with random, nonzero B (a fresh
+LoRA has B = 0 and would change nothing), q/v-only and with every expert projection."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten
+
+QV = ("self_attn.q_proj", "self_attn.v_proj")
+EXPERTS = ("self_attn.q_proj", "self_attn.v_proj", "mlp.experts.*")
+
+
+def write_adapter(model_dir: Path, out: Path, targets: tuple[str, ...], rank: int = 4, alpha: float = 8.0,
+                  layers: int = -1, seed: int = 0, b_std: float = 0.05) -> Path:
+    """An adapter in relief's format (what `relief train` writes), B ~ N(0, b_std^2): the delta is
+    then a few percent of the weights, like a trained adapter's."""
+    from relief_mlx.model.load import build_model, read_weights
+    from relief_mlx.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    from relief_mlx.recipe import LoraSection
+    from relief_mlx.train.targets import apply_lora
+
+    model = build_model(json.loads((model_dir / "config.json").read_text()), read_weights(model_dir), mx.float32)
+    mx.random.seed(seed)
+    config = apply_lora(model, LoraSection(targets=targets, rank=rank, alpha=alpha, layers=layers))
+    weights = {k: mx.random.normal(v.shape) * b_std if k.endswith("lora_b") else v
+               for k, v in tree_flatten(model.trainable_parameters())}
+    out.mkdir(parents=True)
+    mx.save_safetensors(str(out / ADAPTER_WEIGHTS), weights)
+    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def qv_adapter(mini_mlx, tmp_path_factory) -> Path:
+    """LoRA r4 on q_proj and v_proj of every layer of `mini_mlx` (MXFP4 experts, untouched)."""
+    return write_adapter(mini_mlx, tmp_path_factory.mktemp("adapters") / "qv", QV)
+
+
+@pytest.fixture(scope="session")
+def expert_adapter(mini_mlx, tmp_path_factory) -> Path:
+    """LoRA r4 on q/v and on every expert projection of the last 2 layers of `mini_mlx`: the MXFP4
+    experts of layers 2-3 are touched, those of layers 0-1 are not."""
+    return write_adapter(mini_mlx, tmp_path_factory.mktemp("adapters") / "experts", EXPERTS, layers=2, seed=1)
