@@ -45,3 +45,36 @@ def expert_adapter(mini_mlx, tmp_path_factory) -> Path:
     """LoRA r4 on q/v and on every expert projection of the last 2 layers of `mini_mlx`: the MXFP4
     experts of layers 2-3 are touched, those of layers 0-1 are not."""
     return write_adapter(mini_mlx, tmp_path_factory.mktemp("adapters") / "experts", EXPERTS, layers=2, seed=1)
+
+
+def random_ids(n: int, seed: int = 0) -> list[int]:
+    """Ordinary (non-special) token ids."""
+    import numpy as np
+
+    return [int(i) for i in np.random.default_rng(seed).integers(0, 200_000, size=n)]
+
+
+def relief_logits(model_dir: Path, ids: list[int], adapter: Path | None = None, truncate_yarn: bool = False):
+    """relief's float32 logits (1, L, V) of `ids`; `truncate_yarn` rounds YaRN's correction range
+    as llama.cpp and mlx-lm do (gpt-oss's config says not to)."""
+    from relief_mlx.model.load import build_model, read_weights
+    from relief_mlx.model.lora import apply_adapter
+
+    config = json.loads((model_dir / "config.json").read_text())
+    if truncate_yarn:
+        config["rope_scaling"] = config["rope_scaling"] | {"truncate": True}
+    model = build_model(config, read_weights(model_dir), mx.float32)
+    if adapter is not None:
+        apply_adapter(model, adapter)
+    logits = model(mx.array([ids]))
+    mx.eval(logits)
+    return logits
+
+
+def errors(got, want):
+    """Relative logit error at each position: max |got - want| / max |want|."""
+    import numpy as np
+
+    got, want = np.asarray(got, dtype=np.float32).reshape(-1, np.shape(want)[-1]), np.asarray(want).reshape(
+        -1, np.shape(want)[-1])
+    return np.abs(got - want).max(-1) / np.abs(want).max(-1)
