@@ -489,8 +489,8 @@ def _print_merged(result: dict) -> None:
         before, after = sum(m["bytes_before"] for m in group), sum(m["bytes_after"] for m in group)
         sizes = f", {_megabytes(before)} -> {_megabytes(after)}" if kind == "dequantized" else ""
         worst = max(m["delta_error"] for m in group)
-        click.echo(f"{kind}: {len(group)} modules ({group[0]['dtype']}{sizes}); worst relative error of the "
-                   f"stored delta {worst:.2e}, {min(m['delta_kept'] for m in group):.1%} of it kept at least")
+        click.echo(f"{kind}: {len(group)} modules ({group[0]['dtype']}{sizes}); relative error of the stored "
+                   f"delta up to {worst:.2e}")
 
 
 @cli.command()
@@ -523,8 +523,8 @@ def fuse(model: str, adapter: str, out: str, keep_adapter_for_experts: bool, req
                  overwrite=overwrite, eval_summary=Path(eval_summary) if eval_summary else None)
     _print_merged(result)
     if loss := result["requantize_loss"]:
-        click.echo(f"re-quantized: {loss['delta_kept']:.1%} of the delta kept (relative error up to "
-                   f"{loss['delta_error']:.2f}); accepted")
+        click.echo(f"re-quantized: the delta stored with a relative error of {loss['delta_error']:.2f} "
+                   f"(up to {loss['delta_error_max']:.2f}; 1 = as if dropped); accepted")
     check = result["check"]
     click.echo(f"check: {check['tokens']} tokens, logits {check['median_relative_error']:.2e} from base + adapter "
                f"(median relative error; allowed {result['tolerance']:.0e}; max {check['max_relative_error']:.2e}), "
@@ -566,5 +566,7 @@ def export_command(model: str, adapter: str | None, fmt: str, out: str, dtype: s
     else:
         click.echo(f"tensors: {', '.join(f'{n} {k}' for k, n in result['tensor_types'].items())}; "
                    f"then: ollama create NAME -f {Path(out) / 'Modelfile'}")
+    for note in result["notes"]:
+        click.echo(f"note: {note}")
     click.echo(f"exported -> {result['out']}")
 # --- end fuse / export ----------------------------------------------------------------------

@@ -11,7 +11,7 @@ from ..checkpoint.layout import DTYPES
 from ..errors import ReliefError
 from ..io import atomic_dir, write_manifest
 from .card import write_card
-from .fuse import KEPT_ADAPTER, base_and_adapter
+from .fuse import KEPT_ADAPTER, base_and_adapter, rounding_notes
 
 FORMATS = ("hf", "peft", "gguf")
 
@@ -41,7 +41,7 @@ def export(model: str | Path, out: str | Path, format: str, adapter: str | Path 
         else:
             details, records = export_gguf(tmp, base, weights, lora, config, target, Path(out).name)
         result = {"format": format, "base": str(base), "adapter": str(lora.path) if lora else None,
-                  "merged": [asdict(r) for r in records], **details}
+                  "merged": [asdict(r) for r in records], "notes": rounding_notes(records), **details}
         write_card(tmp, str(out), format, base, lora, result, eval_summary=eval_summary, base_hf=_base_name(base))
         write_manifest(tmp, {"format": f"relief-mlx-export-{format}/1",
                              **{k: v for k, v in result.items() if k != "merged"}})

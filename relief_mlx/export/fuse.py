@@ -78,8 +78,9 @@ class Merged:
     dtype: str
     bytes_before: int
     bytes_after: int
-    delta_error: float  # ||stored delta - delta|| / ||delta||: 0 = kept exactly, 1 = lost
-    delta_kept: float  # <stored delta, delta> / ||delta||^2: the share of the delta that survives
+    delta_size: float  # ||delta|| / ||W||
+    delta_error: float  # ||stored delta - delta|| / ||delta||: 0 = kept exactly, 1 = as if dropped
+    delta_kept: float  # <stored delta, delta> / ||delta||^2: the share of the delta along itself that survives
 
 
 def quant_params(quantization: dict, module: str) -> dict:
@@ -148,10 +149,11 @@ def _measure(module: str, kind: str, before: mx.array, stored: mx.array, delta: 
              bytes_before: int, bytes_after: int) -> Merged:
     kept = stored.astype(mx.float32) - before
     norm = mx.sum(delta * delta)
+    size = mx.sqrt(norm / mx.sum(before * before))
     error = mx.sqrt(mx.sum((kept - delta) ** 2) / norm)
     share = mx.sum(kept * delta) / norm
     return Merged(module, kind, str(stored.dtype).removeprefix("mlx.core."), bytes_before, bytes_after,
-                  float(error), float(share))
+                  float(size), float(error), float(share))
 
 
 def _merge_module(out: dict[str, mx.array], module: str, delta: mx.array, quantization: dict,
@@ -167,7 +169,8 @@ def _merge_module(out: dict[str, mx.array], module: str, delta: mx.array, quanti
     q = quant_params(quantization, module)
     before = mx.dequantize(out[weight], out[scales], out.get(biases), **q, dtype=mx.float32)
     if quantized == "keep-adapter":
-        return Merged(module, "kept", str(out[weight].dtype).removeprefix("mlx.core."), nbytes, nbytes, 0.0, 1.0)
+        size = float(mx.sqrt(mx.sum(delta * delta) / mx.sum(before * before)))
+        return Merged(module, "kept", str(out[weight].dtype).removeprefix("mlx.core."), nbytes, nbytes, size, 0.0, 1.0)
     if quantized == "requantize":
         packed = mx.quantize(before + delta, **q)  # (w, scales), plus biases in affine mode
         out |= dict(zip((weight, scales, biases), packed, strict=False))
@@ -212,23 +215,35 @@ def base_and_adapter(model: str | Path, adapter: str | Path | None) -> tuple[Pat
 
 
 def requantize_loss(records: list[Merged]) -> dict:
-    """The delta that re-quantization keeps, over every re-quantized module."""
+    """What re-quantization does to the delta, over every re-quantized module."""
     requantized = [r for r in records if r.kind == "requantized"]
     return {"modules": len(requantized),
-            "delta_kept": float(np.mean([r.delta_kept for r in requantized])) if requantized else 1.0,
-            "delta_error": max((r.delta_error for r in requantized), default=0.0)}
+            "delta_error": float(np.mean([r.delta_error for r in requantized])) if requantized else 0.0,
+            "delta_error_max": max((r.delta_error for r in requantized), default=0.0),
+            "delta_kept": float(np.mean([r.delta_kept for r in requantized])) if requantized else 1.0}
 
 
 def check_requantize(weights: dict[str, mx.array], adapter: Adapter, config: dict, accepted: bool) -> dict:
-    """Measure what re-quantizing the touched quantized modules keeps of the delta; refuse unless accepted."""
+    """Measure what re-quantizing the touched quantized modules does to the delta; refuse unless accepted."""
     loss = requantize_loss(merge(weights, adapter, config, "requantize")[1])
     if loss["modules"] and not accepted:
         raise ReliefError(
-            f"re-quantizing the {loss['modules']} quantized projections the adapter touches keeps "
-            f"{loss['delta_kept']:.1%} of its delta there (relative error up to {loss['delta_error']:.2f}); "
-            "pass --accept-requantize-loss to write that anyway, or drop --requantize (they are then dequantized) "
-            "or use --keep-adapter-for-experts")
+            f"re-quantizing the {loss['modules']} quantized projections the adapter touches stores their delta "
+            f"with a relative error of {loss['delta_error']:.2f} on average, up to {loss['delta_error_max']:.2f} "
+            "(0 = kept exactly, 1 = as if dropped); pass --accept-requantize-loss to write that anyway, "
+            "or drop --requantize (they are then dequantized) or use --keep-adapter-for-experts")
     return loss
+
+
+def rounding_notes(records: list[Merged], limit: float = 0.05) -> list[str]:
+    """A note when storing merged weights in their dtype loses more than `limit` of a delta."""
+    lossy = [r for r in records if r.kind in ("dense", "dequantized") and r.delta_error > limit]
+    if not lossy:
+        return []
+    worst = max(lossy, key=lambda r: r.delta_error)
+    return [f"storing {len(lossy)} merged modules in {worst.dtype} loses more than {limit:.0%} of their delta "
+            f"(up to {worst.delta_error:.0%}, {worst.module}): a small delta does not survive one rounding; "
+            "merge with --dtype float32 to keep it"]
 
 
 def _logits(path: Path, adapter: Path | None, ids: mx.array) -> tuple[mx.array, mx.array | None]:
@@ -292,8 +307,8 @@ def verdict(check: dict, limit: float, loss: dict | None, reference: str, out: s
                           f"more than the {limit:.0e} allowed; nothing was written: report this with both folders")
     notes = []
     if loss:
-        notes.append(f"re-quantized with the loss accepted: {loss['delta_kept']:.1%} of the delta kept, "
-                     f"logits {error:.2e} from base + adapter")
+        notes.append(f"re-quantized with the loss accepted: the delta stored with a relative error of "
+                     f"{loss['delta_error']:.2f}, logits {error:.2e} from base + adapter")
     if check["adapter_effect"] < 3 * limit:
         notes.append(f"the adapter moves the logits by {check['adapter_effect']:.2e}, close to the {limit:.0e} "
                      "allowed for this dtype: the check cannot tell rounding from a lost delta; "
@@ -337,7 +352,7 @@ def fuse(model: str | Path, adapter: str | Path, out: str | Path, quantized: str
         result = {"base": str(base), "adapter": str(lora.path), "quantized": quantized,
                   "merged": [asdict(r) for r in records], "requantize_loss": loss, "check": check,
                   "tolerance": limit, "kept_adapter": KEPT_ADAPTER if kept else None,
-                  "notes": verdict(check, limit, loss, f"{base} + {lora.path}", out)}
+                  "notes": verdict(check, limit, loss, f"{base} + {lora.path}", out) + rounding_notes(records)}
         write_card(tmp, str(out), "mlx", base, lora, result, eval_summary=eval_summary)
         write_manifest(tmp, {"format": "relief-mlx-fuse/1", **{k: result[k] for k in
                                                                ("base", "adapter", "quantized", "check", "tolerance")}})

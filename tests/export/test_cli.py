@@ -84,7 +84,7 @@ def test_router_lora_has_no_peft_form(mini_mlx, tmp_path):
 
 def test_requantizing_needs_the_loss_accepted(mini_mlx, expert_adapter, tmp_path):
     _assert_one_line_error(*_run("fuse", "--model", mini_mlx, "--adapter", expert_adapter, "--out", tmp_path / "o",
-                                 "--requantize"), "% of its delta", "--accept-requantize-loss")
+                                 "--requantize"), "relative error of", "--accept-requantize-loss")
     _assert_one_line_error(*_run("fuse", "--model", mini_mlx, "--adapter", expert_adapter, "--out", tmp_path / "o",
                                  "--accept-requantize-loss"), "goes with --requantize")
     _assert_one_line_error(*_run("fuse", "--model", mini_mlx, "--adapter", expert_adapter, "--out", tmp_path / "o",

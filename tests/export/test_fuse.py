@@ -106,12 +106,12 @@ def test_keep_adapter_for_experts(mini_mlx, expert_adapter, tmp_path):
 
 
 def test_requantizing_touched_experts_is_refused_without_accepting_the_loss(mini_mlx, expert_adapter, tmp_path):
-    with pytest.raises(ReliefError, match=r"keeps \d+\.\d% of its delta.*--accept-requantize-loss"):
+    with pytest.raises(ReliefError, match=r"relative error of \d+\.\d\d on average.*--accept-requantize-loss"):
         fuse(mini_mlx, expert_adapter, tmp_path / "rq", quantized="requantize")
     assert not (tmp_path / "rq").exists() and not list(tmp_path.iterdir())
     result = fuse(mini_mlx, expert_adapter, tmp_path / "rq", quantized="requantize", accept_requantize_loss=True)
     loss = result["requantize_loss"]
-    assert loss["modules"] == 6 and 0 < loss["delta_kept"] < 0.95 and loss["delta_error"] > 0.1
+    assert loss["modules"] == 6 and loss["delta_error"] > 0.1  # measured 0.81 with this adapter
     assert any("re-quantized with the loss accepted" in note for note in result["notes"])
 
 
