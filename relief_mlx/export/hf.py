@@ -45,6 +45,12 @@ def _dequantize_layers(tensors: dict[str, mx.array], layers: set[int], config: d
 def export_hf(tmp: Path, base: Path, weights: dict[str, mx.array], adapter: Adapter | None, config: dict,
               dtype: mx.Dtype | None) -> tuple[dict, list[Merged]]:
     """Write the HF checkpoint into `tmp`, one MLX shard at a time."""
+    quantization = config.get("quantization") or {}
+    for name in (n for n in weights if n.endswith(".scales")):
+        module = name.removesuffix(".scales")
+        if ".mlp.experts." not in module or quant_params(quantization, module).get("mode") != "mxfp4":
+            raise ReliefError(f"{module} is quantized ({quant_params(quantization, module)}); the Hugging Face "
+                              "gpt-oss layout has only MXFP4 experts: convert the model again with dense weights")
     dense_layers = _dense_expert_layers(weights, adapter)
     shards = sorted(base.glob("model*.safetensors"))
     pending: dict[str, mx.array] = {}
