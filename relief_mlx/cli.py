@@ -520,7 +520,8 @@ def fuse(model: str, adapter: str, out: str, keep_adapter_for_experts: bool, req
         raise ReliefError("--accept-requantize-loss goes with --requantize; add it or drop the flag")
     quantized = "keep-adapter" if keep_adapter_for_experts else "requantize" if requantize else "dequantize"
     result = run(model, adapter, out, quantized=quantized, dtype=dtype, accept_requantize_loss=accept_requantize_loss,
-                 overwrite=overwrite, eval_summary=Path(eval_summary) if eval_summary else None)
+                 overwrite=overwrite, eval_summary=Path(eval_summary) if eval_summary else None,
+                 progress=_progress("fuse"))
     _print_merged(result)
     if loss := result["requantize_loss"]:
         click.echo(f"re-quantized: the delta stored with a relative error of {loss['delta_error']:.2f} "
@@ -555,7 +556,7 @@ def export_command(model: str, adapter: str | None, fmt: str, out: str, dtype: s
     from .export import export as run
 
     result = run(model, out, fmt, adapter=adapter, dtype=dtype, overwrite=overwrite,
-                 eval_summary=Path(eval_summary) if eval_summary else None)
+                 eval_summary=Path(eval_summary) if eval_summary else None, progress=_progress(f"export {fmt}"))
     _print_merged(result)
     if fmt == "hf":
         click.echo(f"experts: MXFP4 in layers {result['mxfp4_expert_layers'] or 'none'}, dense in "

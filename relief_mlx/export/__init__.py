@@ -11,13 +11,14 @@ from ..checkpoint.layout import DTYPES
 from ..errors import ReliefError
 from ..io import atomic_dir, write_manifest
 from .card import write_card
-from .fuse import KEPT_ADAPTER, base_and_adapter, rounding_notes
+from .fuse import KEPT_ADAPTER, Progress, base_and_adapter, rounding_notes
 
 FORMATS = ("hf", "peft", "gguf")
 
 
 def export(model: str | Path, out: str | Path, format: str, adapter: str | Path | None = None,  # noqa: A002
-           dtype: str | None = None, overwrite: bool = False, eval_summary: Path | None = None) -> dict:
+           dtype: str | None = None, overwrite: bool = False, eval_summary: Path | None = None,
+           progress: Progress | None = None) -> dict:
     """Write `model` (+ `adapter`, merged for hf and gguf) to the folder `out` in `format`; returns
     what was written."""
     from .gguf import export_gguf
@@ -35,11 +36,11 @@ def export(model: str | Path, out: str | Path, format: str, adapter: str | Path 
     with atomic_dir(out, overwrite=overwrite) as tmp:
         records = []
         if format == "hf":
-            details, records = export_hf(tmp, base, weights, lora, config, target)
+            details, records = export_hf(tmp, base, weights, lora, config, target, progress)
         elif format == "peft":
             details = export_peft(tmp, base, lora)
         else:
-            details, records = export_gguf(tmp, base, weights, lora, config, target, Path(out).name)
+            details, records = export_gguf(tmp, base, weights, lora, config, target, Path(out).name, progress)
         result = {"format": format, "base": str(base), "adapter": str(lora.path) if lora else None,
                   "merged": [asdict(r) for r in records], "notes": rounding_notes(records), **details}
         write_card(tmp, str(out), format, base, lora, result, eval_summary=eval_summary, base_hf=_base_name(base))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,6 +50,7 @@ KEPT_ADAPTER = "adapter"
 # from loss: `notes` says so, and `dtype="float32"` merges exactly.
 TOLERANCE = {mx.float32: 1e-4, mx.float16: 2e-2, mx.bfloat16: 1e-1}
 CHECK_TOKENS = 256
+Progress = Callable[[int, int, str], None]
 
 
 @dataclass(frozen=True)
@@ -161,16 +163,15 @@ def _merge_module(out: dict[str, mx.array], module: str, delta: mx.array, quanti
     """Merge `delta` into `out`'s tensors of `module`, in place; return what was done."""
     weight, scales, biases = (f"{module}.{leaf}" for leaf in ("weight", "scales", "biases"))
     nbytes = sum(out[k].nbytes for k in (weight, scales, biases) if k in out)
-    if scales not in out:  # dense: merged in its own dtype
+    if scales not in out:  # dense: merged in its own dtype, or `dtype`
         before = out[weight].astype(mx.float32)
         out[weight] = (before + delta).astype(dtype or out[weight].dtype)
         mx.eval(out[weight])
         return _measure(module, "dense", before, out[weight], delta, nbytes, nbytes)
     q = quant_params(quantization, module)
     before = mx.dequantize(out[weight], out[scales], out.get(biases), **q, dtype=mx.float32)
-    if quantized == "keep-adapter":
-        size = float(mx.sqrt(mx.sum(delta * delta) / mx.sum(before * before)))
-        return Merged(module, "kept", str(out[weight].dtype).removeprefix("mlx.core."), nbytes, nbytes, size, 0.0, 1.0)
+    if quantized == "keep-adapter":  # the weights stay; the LoRA (float32) keeps the delta exactly
+        return _measure(module, "kept", before, before + delta, delta, nbytes, nbytes)
     if quantized == "requantize":
         packed = mx.quantize(before + delta, **q)  # (w, scales), plus biases in affine mode
         out |= dict(zip((weight, scales, biases), packed, strict=False))
@@ -324,7 +325,7 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
 
 def fuse(model: str | Path, adapter: str | Path, out: str | Path, quantized: str = "dequantize",
          dtype: str | None = None, accept_requantize_loss: bool = False, overwrite: bool = False,
-         tokens: int = CHECK_TOKENS, eval_summary: Path | None = None) -> dict:
+         tokens: int = CHECK_TOKENS, eval_summary: Path | None = None, progress: Progress | None = None) -> dict:
     """Write `model` with `adapter` merged to the MLX folder `out` (atomically) and check it; returns
     what was merged, the check and the tolerance it passed."""
     from .card import write_card
@@ -333,12 +334,15 @@ def fuse(model: str | Path, adapter: str | Path, out: str | Path, quantized: str
     target = DTYPES[dtype] if dtype else None
     loss = check_requantize(weights, lora, config, accept_requantize_loss) if quantized == "requantize" else None
     records, index = [], {}
+    shards = sorted(base.glob("model*.safetensors"))
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        for shard in sorted(base.glob("model*.safetensors")):
+        for k, shard in enumerate(shards):
             tensors, merged = merge(mx.load(str(shard)), lora, config, quantized, target)
             mx.save_safetensors(str(tmp / shard.name), dict(sorted(tensors.items())), metadata={"format": "mlx"})
             index |= {name: shard.name for name in tensors}
             records += merged
+            if progress:
+                progress(k + 1, len(shards), shard.name)
         write_json(tmp / "model.safetensors.index.json",
                    {"metadata": {"format": "mlx"}, "weight_map": dict(sorted(index.items()))})
         dense = [r.module for r in records if r.kind == "dequantized"]

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import ReliefError
 from ..io import write_text
-from .fuse import Adapter, Merged, merge
+from .fuse import Adapter, Merged, Progress, merge
 
 GGUF_NAME = "model.gguf"
 MODELFILE = "Modelfile"
@@ -147,7 +147,8 @@ def _tokenizer(writer, model_dir: Path, vocab_size: int) -> None:
     gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
 
 
-def write_gguf(path: Path, model_dir: Path, weights: dict[str, mx.array], config: dict, name: str) -> dict:
+def write_gguf(path: Path, model_dir: Path, weights: dict[str, mx.array], config: dict, name: str,
+               progress: Progress | None = None) -> dict:
     """Write the GGUF file at `path`, one tensor at a time; returns its tensor types."""
     import gguf
 
@@ -165,8 +166,10 @@ def write_gguf(path: Path, model_dir: Path, weights: dict[str, mx.array], config
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for t in tensors:
+    for k, t in enumerate(tensors):
         writer.write_tensor_data(t.make())
+        if progress:
+            progress(k + 1, len(tensors), t.name)
     writer.close()
     types: dict[str, int] = {}
     for t in tensors:
@@ -207,12 +210,12 @@ PARAMETER top_p 1
 
 
 def export_gguf(tmp: Path, model_dir: Path, weights: dict[str, mx.array], adapter: Adapter | None, config: dict,
-                dtype: mx.Dtype | None, name: str) -> tuple[dict, list[Merged]]:
+                dtype: mx.Dtype | None, name: str, progress: Progress | None = None) -> tuple[dict, list[Merged]]:
     """Merge (touched MXFP4 experts dequantized), write model.gguf and the Modelfile into `tmp`."""
     merged, records = merge(weights, adapter, config, "dequantize", dtype)
     from ..checkpoint.layout import mlx_quantization
 
     config = mlx_quantization(config, [r.module for r in records if r.kind == "dequantized"])
-    types = write_gguf(tmp / GGUF_NAME, model_dir, merged, config, name)
+    types = write_gguf(tmp / GGUF_NAME, model_dir, merged, config, name, progress)
     write_text(tmp / MODELFILE, modelfile())
     return {"tensor_types": types}, records

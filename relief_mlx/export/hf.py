@@ -20,7 +20,7 @@ import mlx.core as mx
 from ..checkpoint.layout import hf_config, mlx_to_hf
 from ..errors import ReliefError
 from ..io import write_json
-from .fuse import Adapter, Merged, copy_tokenizer, merge, quant_params
+from .fuse import Adapter, Merged, Progress, copy_tokenizer, merge, quant_params
 
 
 def _dense_expert_layers(weights: dict[str, mx.array], adapter: Adapter | None) -> set[int]:
@@ -43,7 +43,7 @@ def _dequantize_layers(tensors: dict[str, mx.array], layers: set[int], config: d
 
 
 def export_hf(tmp: Path, base: Path, weights: dict[str, mx.array], adapter: Adapter | None, config: dict,
-              dtype: mx.Dtype | None) -> tuple[dict, list[Merged]]:
+              dtype: mx.Dtype | None, progress: Progress | None = None) -> tuple[dict, list[Merged]]:
     """Write the HF checkpoint into `tmp`, one MLX shard at a time."""
     quantization = config.get("quantization") or {}
     for name in (n for n in weights if n.endswith(".scales")):
@@ -66,6 +66,8 @@ def export_hf(tmp: Path, base: Path, weights: dict[str, mx.array], adapter: Adap
         index |= {t: name for t in tensors}
         total += sum(t.nbytes for t in tensors.values())
         records += done
+        if progress:
+            progress(k + 1, len(shards), name)
     if pending:
         raise ReliefError(f"{base}: tensors {sorted(pending)[:3]} miss the rest of their expert projection; "
                           "the checkpoint is incomplete: convert it again")
