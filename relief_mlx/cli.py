@@ -709,10 +709,12 @@ def fuse(model: str, adapter: str, out: str, keep_adapter_for_experts: bool, req
 @click.option("--format", "fmt", required=True, type=click.Choice(["hf", "peft", "gguf"]),
               help="hf: transformers' gpt-oss layout; peft: a PEFT adapter for the HF checkpoint; "
                    "gguf: one file for llama.cpp / Ollama, with a Modelfile.")
-@click.option("--out", required=True, type=click.Path(), help="Folder to write (must not exist or be empty).")
+@click.option("--out", required=True, type=click.Path(),
+              help="Folder to write (must not exist or be empty); for gguf also a FILE.gguf, its Modelfile, "
+                   "card and manifest written beside it as FILE.Modelfile, FILE.md, FILE.manifest.json.")
 @_MERGE_DTYPE
 @_EVAL
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out once the new folder is complete.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out once the new output is complete.")
 def export_command(model: str, adapter: str | None, fmt: str, out: str, dtype: str | None, eval_summary: str | None,
                    overwrite: bool) -> None:
     """Export a model (+ adapter) to Hugging Face, PEFT or GGUF, with a model card and checksums."""

@@ -117,6 +117,29 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+@contextlib.contextmanager
+def atomic_files(folder: str | Path, names: list[str], overwrite: bool = False) -> Iterator[Path]:
+    """Build the files `names` in a temporary folder inside `folder`, then move each into `folder`,
+    the last name last (once it exists, the others do). Nothing else in `folder` is touched; an
+    existing file of those names is an error unless `overwrite`."""
+    folder = Path(folder)
+    clash = next((n for n in names if (folder / n).exists()), None)
+    if clash is not None and not overwrite:
+        raise ReliefError(f"{folder / clash} already exists; choose another --out or pass --overwrite")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".relief.partial-", dir=folder))
+    try:
+        yield tmp
+        for name in names:
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        for name in names:
+            os.replace(tmp / name, folder / name)
+        _fsync_dir(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_manifest(folder: Path, record: dict, files: list[str] | None = None) -> None:
     """`folder/relief-manifest.json`: `record`, the sha256 of `files` (default: every file under
     `folder`, by relative path) as "outputs", and the package versions. The one manifest writer of

@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .. import bundled
 from ..io import MANIFEST, write_text
 from ..recipe import read_tables
 
 RECIPE = "recipe.toml"
+CARD = "README.md"
 USAGE = {
     "mlx": "relief generate --model {out} --prompt \"...\"{kept}\n"
            "python -c \"import mlx_lm; mlx_lm.load('{out}')\"",
@@ -19,6 +21,7 @@ USAGE = {
     "peft": "from transformers import AutoModelForCausalLM\nfrom peft import PeftModel\n"
             "model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('{base_hf}'), '{out}')",
     "gguf": "llama-cli -m {out}/model.gguf\nollama create relief -f {out}/Modelfile && ollama run relief",
+    "gguf-file": "llama-cli -m {out}\nollama create relief -f {stem}.Modelfile && ollama run relief",
 }
 LIMITATIONS = """\
 - Not a substitute for trained responders, clinicians or local authorities. Follow local protocols,
@@ -50,7 +53,7 @@ def _dataset(recipe: dict) -> list[str]:
     data = recipe.get("data", {}).get("path")
     if data is None:
         return ["- not recorded"]
-    card = Path(data) / "README.md"
+    card = bundled.resolve("datasets", data) / CARD
     license_text = f"not found (no dataset card at {card})"
     if card.is_file():
         text = card.read_text().split("## License", 1)
@@ -99,26 +102,30 @@ def _changes(details: dict) -> list[str]:
 
 def write_card(folder: Path, name: str, kind: str, base: Path, adapter, details: dict,
                eval_summary: Path | None = None, base_hf: str | None = None) -> None:
-    """README.md in `folder` (being built; `name` is the folder it becomes), written atomically.
-    `kind` is what the folder holds: mlx (a fused model), hf, peft or gguf."""
+    """README.md in `folder` (being built; `name` is the folder it becomes, or the .gguf file it
+    accompanies), written atomically. `kind` is what the folder holds: mlx (a fused model), hf,
+    peft or gguf."""
     adapter_path = Path(adapter.path) if adapter is not None else None
     recipe_lines, recipe = _recipe(adapter_path)
     lora = (f"rank {adapter.rank}, scale {adapter.scale:g} (PEFT's lora_alpha / r), "
             f"{len(adapter.lora)} modules" if adapter is not None else "none (the weights are used as they are)")
     kept = f" --adapter {name}/adapter" if details.get("kept_adapter") else ""
     command = "fuse" if kind == "mlx" else f"export --format {kind}"
+    usage, manifest = ("gguf-file", f"{Path(name).stem}.manifest.json") if name.endswith(".gguf") else (kind, MANIFEST)
     sections = {
         f"# {Path(name).name}": [f"gpt-oss fine-tuned with relief-mlx into an emergency-relief assistant; this "
-                                 f"folder is its **{kind}** form, written by `relief {command}`."],
+                                 f"{'file' if name.endswith('.gguf') else 'folder'} is its **{kind}** form, written by "
+                                 f"`relief {command}`."],
         "## Base model": [f"- {_base_source(base)}"],
         "## Adapter": [f"- `{adapter_path}`: {lora}" if adapter_path else f"- {lora}"],
         "## Recipe": recipe_lines,
         "## Dataset": _dataset(recipe),
         "## Evaluation": _evaluation(eval_summary),
         "## What was done to the weights": _changes(details) or ["- nothing: no adapter"],
-        "## How to run it": ["```", USAGE[kind].format(out=name, kept=kept, base_hf=base_hf or "BASE"), "```"],
+        "## How to run it": ["```", USAGE[usage].format(out=name, stem=name[:-len(".gguf")], kept=kept,
+                                                         base_hf=base_hf or "BASE"), "```"],
         "## Limitations": [LIMITATIONS],
-        "## Files": [f"Every file and its sha256: `{MANIFEST}`."],
+        "## Files": [f"Every file and its sha256: `{manifest}`."],
     }
     text = "\n\n".join(title + "\n\n" + "\n".join(lines) for title, lines in sections.items())
-    write_text(folder / "README.md", text + "\n")
+    write_text(folder / CARD, text + "\n")

@@ -210,12 +210,14 @@ PARAMETER top_p 1
 
 
 def export_gguf(tmp: Path, model_dir: Path, weights: dict[str, mx.array], adapter: Adapter | None, config: dict,
-                dtype: mx.Dtype | None, name: str, progress: Progress | None = None) -> tuple[dict, list[Merged]]:
-    """Merge (touched MXFP4 experts dequantized), write model.gguf and the Modelfile into `tmp`."""
+                dtype: mx.Dtype | None, name: str, progress: Progress | None = None,
+                gguf_name: str = GGUF_NAME) -> tuple[dict, list[Merged]]:
+    """Merge (touched MXFP4 experts dequantized), write model.gguf and the Modelfile (whose FROM
+    names `gguf_name`, the file's final name) into `tmp`."""
     merged, records = merge(weights, adapter, config, "dequantize", dtype)
     from ..checkpoint.layout import mlx_quantization
 
     config = mlx_quantization(config, [r.module for r in records if r.kind == "dequantized"])
     types = write_gguf(tmp / GGUF_NAME, model_dir, merged, config, name, progress)
-    write_text(tmp / MODELFILE, modelfile())
+    write_text(tmp / MODELFILE, modelfile(gguf_name))
     return {"tensor_types": types}, records

@@ -115,3 +115,31 @@ def test_tokenizer_chat_template_and_modelfile(mini_mlx, f32_gguf, harmony_token
     modelfile = (out / MODELFILE).read_text()
     assert "FROM ./model.gguf" in modelfile and 'PARAMETER stop "<|return|>"' in modelfile
     assert "<|start|>assistant" in modelfile and (out / "README.md").is_file()
+
+
+def test_a_gguf_file_out_writes_the_file_and_its_companions_beside_it(mini_mlx_f32, qv_adapter, tmp_path):
+    """`relief export --format gguf --out FILE.gguf` (the issue's form) into a folder that already
+    holds other files: the GGUF loads in llama.cpp, and its Modelfile, card and manifest sit beside
+    it named after its stem; nothing else in the folder is touched, and a second run is refused."""
+    from click.testing import CliRunner
+
+    from relief_mlx.cli import cli
+    from relief_mlx.io import sha256
+
+    (tmp_path / "README.md").write_text("someone else's\n")
+    out = tmp_path / "relief.gguf"
+    args = ["export", "--model", str(mini_mlx_f32), "--adapter", str(qv_adapter), "--format", "gguf",
+            "--out", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "README.md", "relief.Modelfile", "relief.gguf", "relief.manifest.json", "relief.md"]
+    assert (tmp_path / "README.md").read_text() == "someone else's\n"
+    assert "FROM ./relief.gguf" in (tmp_path / "relief.Modelfile").read_text()
+    assert "llama-cli -m " + str(out) in (tmp_path / "relief.md").read_text()
+    manifest = json.loads((tmp_path / "relief.manifest.json").read_text())["outputs"]
+    assert manifest == {name: sha256(tmp_path / name) for name in ("relief.Modelfile", "relief.gguf", "relief.md")}
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, verbose=False)
+    assert llm.n_vocab() == 201_088
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 1 and "already exists" in again.output and "--overwrite" in again.output
