@@ -621,7 +621,7 @@ def bench(model: str | None, preset: str | None, experts: str | None, prompt_len
               help="Answers decoded together, and examples per teacher-forced pass.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Most tokens per answer, reasoning included.")
-@click.option("--reasoning", type=click.Choice(["low", "medium", "high"]), default="low", show_default=True,
+@click.option("--reasoning", type=click.Choice(REASONING_EFFORTS), default="low", show_default=True,
               help="Reasoning effort in the system message (training renders with low).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the bootstrap confidence intervals.")
 def eval_command(model, adapters, data, split, out, limit, categories, batch_size, max_tokens, reasoning,
@@ -677,3 +677,109 @@ def serve(model, adapters, host, port, api_key, max_batch, max_queue, max_tokens
                    err=True)
     run(config, say=lambda line: click.echo(line, err=True))
 # --- end serve ------------------------------------------------------------------------------
+
+
+# --- fuse / export (relief_mlx.export) ------------------------------------------------------
+_MERGE_DTYPE = click.option("--dtype", type=click.Choice(DTYPES),
+                            help="dtype of every merged weight [default: each weight's own; a dequantized "
+                                 "expert takes its bias dtype]. float32 keeps the delta exactly.")
+_EVAL = click.option("--eval", "eval_summary", type=click.Path(dir_okay=False),
+                     help="summary.json written by `relief eval`, quoted in the model card.")
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def _print_merged(result: dict) -> None:
+    by_kind: dict[str, list[dict]] = {}
+    for m in result["merged"]:
+        by_kind.setdefault(m["kind"], []).append(m)
+    for kind, group in by_kind.items():
+        before, after = sum(m["bytes_before"] for m in group), sum(m["bytes_after"] for m in group)
+        sizes = f", {_megabytes(before)} -> {_megabytes(after)}" if kind == "dequantized" else ""
+        worst = max(m["delta_error"] for m in group)
+        click.echo(f"{kind}: {len(group)} modules ({group[0]['dtype']}{sizes}); relative error of the stored "
+                   f"delta up to {worst:.2e}")
+
+
+@cli.command()
+@click.option("--model", required=True, help="Base MLX model folder (written by `relief convert`) or Hub id.")
+@click.option("--adapter", required=True, type=click.Path(), help="LoRA adapter folder (`relief train`, mlx-lm).")
+@click.option("--out", required=True, type=click.Path(), help="Folder to write (must not exist or be empty).")
+@click.option("--keep-adapter-for-experts", is_flag=True,
+              help="Leave the MXFP4 experts the adapter touches as they are and keep their LoRA as an adapter "
+                   "in OUT/adapter (load with --adapter OUT/adapter) [default: dequantize exactly those].")
+@click.option("--requantize", is_flag=True,
+              help="Re-quantize the touched MXFP4 experts; prints how much of the delta survives and stops "
+                   "unless --accept-requantize-loss is also given.")
+@click.option("--accept-requantize-loss", is_flag=True, help="Write the re-quantized experts despite the loss.")
+@_MERGE_DTYPE
+@_EVAL
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out once the new folder is complete.")
+def fuse(model: str, adapter: str, out: str, keep_adapter_for_experts: bool, requantize: bool,
+         accept_requantize_loss: bool, dtype: str | None, eval_summary: str | None, overwrite: bool) -> None:
+    """Merge a LoRA adapter into the model; check the result against base + adapter before writing it."""
+    from pathlib import Path
+
+    from .export.fuse import fuse as run
+
+    if keep_adapter_for_experts and requantize:
+        raise ReliefError("--keep-adapter-for-experts and --requantize exclude each other; choose one")
+    if accept_requantize_loss and not requantize:
+        raise ReliefError("--accept-requantize-loss goes with --requantize; add it or drop the flag")
+    quantized = "keep-adapter" if keep_adapter_for_experts else "requantize" if requantize else "dequantize"
+    result = run(model, adapter, out, quantized=quantized, dtype=dtype, accept_requantize_loss=accept_requantize_loss,
+                 overwrite=overwrite, eval_summary=Path(eval_summary) if eval_summary else None,
+                 progress=_progress("fuse"))
+    _print_merged(result)
+    if loss := result["requantize_loss"]:
+        click.echo(f"re-quantized: the delta stored with a relative error of {loss['delta_error']:.2f} "
+                   f"(up to {loss['delta_error_max']:.2f}; 1 = as if dropped); accepted")
+    check = result["check"]
+    click.echo(f"check: {check['tokens']} tokens, logits {check['median_relative_error']:.2e} from base + adapter "
+               f"(median relative error; allowed {result['tolerance']:.0e}; max {check['max_relative_error']:.2e}), "
+               f"argmax agreement {check['argmax_agreement']:.1%}; the adapter moves them by "
+               f"{check['adapter_effect']:.2e}")
+    for note in result["notes"]:
+        click.echo(f"note: {note}")
+    if result["kept_adapter"]:
+        click.echo(f"kept adapter -> {Path(out) / result['kept_adapter']} (pass it with --adapter)")
+    click.echo(f"fused -> {result['out']}")
+
+
+@cli.command("export")
+@click.option("--model", required=True, help="MLX model folder (base or fused) or Hub id.")
+@click.option("--adapter", type=click.Path(), help="LoRA adapter folder; merged for hf and gguf, converted for peft.")
+@click.option("--format", "fmt", required=True, type=click.Choice(["hf", "peft", "gguf"]),
+              help="hf: transformers' gpt-oss layout; peft: a PEFT adapter for the HF checkpoint; "
+                   "gguf: one file for llama.cpp / Ollama, with a Modelfile.")
+@click.option("--out", required=True, type=click.Path(),
+              help="Folder to write (must not exist or be empty); for gguf also a FILE.gguf, its Modelfile, "
+                   "card and manifest written beside it as FILE.Modelfile, FILE.md, FILE.manifest.json.")
+@_MERGE_DTYPE
+@_EVAL
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out once the new output is complete.")
+def export_command(model: str, adapter: str | None, fmt: str, out: str, dtype: str | None, eval_summary: str | None,
+                   overwrite: bool) -> None:
+    """Export a model (+ adapter) to Hugging Face, PEFT or GGUF, with a model card and checksums."""
+    from pathlib import Path
+
+    from .export import export as run
+
+    result = run(model, out, fmt, adapter=adapter, dtype=dtype, overwrite=overwrite,
+                 eval_summary=Path(eval_summary) if eval_summary else None, progress=_progress(f"export {fmt}"))
+    _print_merged(result)
+    if fmt == "hf":
+        click.echo(f"experts: MXFP4 in layers {result['mxfp4_expert_layers'] or 'none'}, dense in "
+                   f"{result['dense_expert_layers'] or 'none'}")
+    elif fmt == "peft":
+        click.echo(f"{result['target_modules']} modules and {result['target_parameters']} expert parameters; "
+                   f"base model: {result['base_model_name_or_path']}")
+    else:
+        click.echo(f"tensors: {', '.join(f'{n} {k}' for k, n in result['tensor_types'].items())}; "
+                   f"then: ollama create NAME -f {Path(out) / 'Modelfile'}")
+    for note in result["notes"]:
+        click.echo(f"note: {note}")
+    click.echo(f"exported -> {result['out']}")
+# --- end fuse / export ----------------------------------------------------------------------

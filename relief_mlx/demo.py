@@ -15,8 +15,9 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .checkpoint.convert import MANIFEST, convert
+from .checkpoint.convert import convert
 from .checkpoint.synth import synth
+from .io import MANIFEST
 
 Say = Callable[[str], None]
 QUESTION = ("A flash flood displaced 600 people into a school gym tonight. I'm the shelter manager. "

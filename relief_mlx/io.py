@@ -350,6 +350,40 @@ def _commit(tmp: Path, path: Path, overwrite: bool) -> None:
     _fsync_dir(path.parent)
 
 
+@contextlib.contextmanager
+def atomic_files(folder: str | Path, names: list[str], overwrite: bool = False) -> Iterator[Path]:
+    """Build the files `names` in a temporary folder inside `folder`, then move each into `folder`,
+    the last name last (once it exists, the others do). Nothing else in `folder` is touched; an
+    existing file of those names is an error unless `overwrite`. Like `atomic_dir`: one writer at a
+    time (the lock of the last name), a dead writer's leftovers removed, a failure is WriteError."""
+    folder = Path(folder)
+    last = folder / names[-1]
+    with folder_lock(last):
+        clash = next((n for n in names if (folder / n).exists()), None)
+        if clash is not None and not overwrite:
+            raise ReliefError(f"{folder / clash} already exists; choose another --out or pass --overwrite")
+        for leftover in _leftovers(last):
+            shutil.rmtree(leftover, ignore_errors=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{last.name}.partial-{os.getpid()}-", dir=folder))
+        except OSError as e:
+            raise _write_error(last, e) from e
+        try:
+            yield tmp
+            for name in names:
+                with open(tmp / name, "rb") as f:
+                    os.fsync(f.fileno())
+                fault_point("write", tmp / name, label=folder / name)
+            for name in names:
+                os.replace(tmp / name, folder / name)
+            _fsync_dir(folder)
+        except (OSError, WriteError) as e:
+            raise _write_error(last, e) from e
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def recover_dir(path: Path) -> str | None:
     """After a crash, make `path` the newest complete copy of itself: when it is missing or fails
     its manifest, and a leftover `.NAME.partial-*` / `.NAME.old-*` of a dead writer is complete

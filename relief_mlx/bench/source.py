@@ -19,8 +19,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import hub
-from ..checkpoint.convert import Progress, map_tensors, mlx_config
+from ..checkpoint.convert import Progress
 from ..checkpoint.inspect import model_config
+from ..checkpoint.layout import hf_to_mlx, mlx_config
 from ..checkpoint.presets import PRESETS, hf_config, tensor_plan
 from ..choices import EXPERT_FORMATS
 from ..errors import ReliefError
@@ -128,7 +129,7 @@ def _mxfp4_scale(fan_in: int) -> int:
 def synth_weights(preset: str, dtype: mx.Dtype, seed: int = 0, progress: Progress | None = None,
                   dense: bool = False) -> dict[str, mx.array]:
     """MLX weights of a preset (random, MXFP4 experts, dequantized to `dtype` when `dense`), one
-    tensor evaluated at a time, mapped to MLX's names and layout by the converter's own `map_tensors`."""
+    tensor evaluated at a time, mapped to MLX's names and layout by the converter's own `hf_to_mlx`."""
     config = hf_config(preset)
     experts = {mx.bfloat16: "bfloat16", mx.float32: "float32"}[dtype] if dense else "mxfp4"
     total = len(tensor_plan(config))
@@ -136,7 +137,7 @@ def synth_weights(preset: str, dtype: mx.Dtype, seed: int = 0, progress: Progres
     pending: dict[str, mx.array] = {}
     for done, (name, tensor) in enumerate(random_tensors(config, dtype, seed), start=1):
         pending[name] = tensor
-        mapped = map_tensors(pending, "mxfp4", experts, dtype)  # an expert waits for its bias
+        mapped = hf_to_mlx(pending, "mxfp4", experts, dtype)  # an expert waits for its bias
         mx.eval(mapped)
         weights |= mapped
         if progress:

@@ -8,7 +8,8 @@ experts stay MXFP4, `model-0000K-of-0000N.safetensors` in mlx-lm's names (`gate_
 2j+1 is up j), the tokenizer files, and `relief-manifest.json` (source, revision, sha256 of
 every input and output shard, options, versions). `mlx_lm.load` reads the result as it is.
 
-Each output shard holds what one input shard held, so peak memory is about one shard.
+Each output shard holds what one input shard held, so peak memory is about one shard. The
+tensor mapping is `layout.hf_to_mlx`; `relief export` writes back with its inverse.
 """
 
 from __future__ import annotations
@@ -25,12 +26,11 @@ from .. import choices, hub
 from ..errors import ReliefError
 from ..io import MANIFEST, atomic_dir, read_json, sha256, write_json, write_manifest
 from . import safetensors_header
+from .layout import DTYPES, hf_to_mlx, mlx_config
 from .limits import FLOAT_BYTES, check_config, check_disk, check_memory, check_tokenizer_files
-from .mxfp4 import GROUP_SIZE, QUANTIZATION
 from .presets import tensor_plan
 from .safetensors_header import DTYPE_BYTES, read_header
 
-DTYPES = {name: getattr(mx, name) for name in choices.DTYPES}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json")
 __all__ = ["MANIFEST", "convert", "verify"]  # MANIFEST: the demo reads it here
@@ -118,77 +118,6 @@ def check_source(config: dict, shards: list[Path]) -> str:
     return layout
 
 
-def _split_gate_up(prefix: str, suffix: str, value: mx.array, axis: int) -> dict[str, mx.array]:
-    """Interleaved rows (or bias entries): even -> gate_proj, odd -> up_proj."""
-    index = [slice(None)] * value.ndim
-    out = {}
-    for proj, start in (("gate_proj", 0), ("up_proj", 1)):
-        index[axis] = slice(start, None, 2)
-        out[f"{prefix}.{proj}.{suffix}"] = mx.contiguous(value[tuple(index)])
-    return out
-
-
-def _expert_tensors(prefix: str, proj: str, weight: mx.array, scales: mx.array | None,
-                    bias: mx.array, experts: str, dtype: mx.Dtype) -> dict[str, mx.array]:
-    """MLX tensors of one expert projection. `weight` is uint32 MXFP4 when `scales` is given,
-    else dense (E, out, in)."""
-    if scales is not None and experts != "mxfp4":
-        weight = mx.dequantize(weight, scales, group_size=GROUP_SIZE, bits=4, mode="mxfp4",
-                               dtype=DTYPES[experts])
-        scales = None
-    elif scales is None and experts == "mxfp4":
-        weight, scales = mx.quantize(weight.astype(mx.float32), **QUANTIZATION)
-    elif scales is None:
-        weight = weight.astype(DTYPES[experts])
-    bias = bias.astype(dtype if experts == "mxfp4" else DTYPES[experts])
-    tensors = {"weight": weight, "bias": bias} | ({"scales": scales} if scales is not None else {})
-    out = {}
-    for suffix, value in tensors.items():
-        axis = -1 if suffix == "bias" else -2
-        if proj == "gate_up_proj":
-            out |= _split_gate_up(prefix, suffix, value, axis)
-        else:
-            out[f"{prefix}.down_proj.{suffix}"] = value
-    return out
-
-
-def map_tensors(pending: dict[str, mx.array], layout: str, experts: str,
-                dtype: mx.Dtype) -> dict[str, mx.array]:
-    """Map every tensor of `pending` that is complete; the rest stays in `pending`.
-
-    An expert projection needs its weight, bias (and scales) together, which may sit in
-    different shards; everything else maps alone.
-    """
-    out = {}
-    for name in sorted(pending):
-        if name not in pending:
-            continue  # consumed with its projection
-        if ".mlp.experts." not in name:
-            out[name] = pending.pop(name).astype(dtype)
-            continue
-        prefix, leaf = name.rsplit(".", 1)
-        proj = "gate_up_proj" if leaf.startswith("gate_up_proj") else "down_proj"
-        parts = [f"{prefix}.{proj}_bias"]
-        parts += [f"{prefix}.{proj}_blocks", f"{prefix}.{proj}_scales"] if layout == "mxfp4" else [f"{prefix}.{proj}"]
-        if not all(p in pending for p in parts):
-            continue
-        bias = pending.pop(parts[0])
-        if layout == "mxfp4":
-            weight = pending.pop(parts[1]).view(mx.uint32).flatten(-2)  # (E, out, in/8)
-            scales = pending.pop(parts[2])
-        else:
-            weight, scales = pending.pop(parts[1]).swapaxes(-1, -2), None  # (E, in, out) -> (E, out, in)
-        out |= _expert_tensors(prefix, proj, weight, scales, bias, experts, dtype)
-    return out
-
-
-def mlx_config(config: dict, experts: str) -> dict:
-    config = {k: v for k, v in config.items() if k != "quantization_config"}
-    if experts == "mxfp4":
-        config["quantization"] = dict(QUANTIZATION)
-    return config
-
-
 def output_bytes(header: dict[str, tuple[str, tuple[int, ...]]], experts: str, dtype: str) -> int:
     """Bytes the tensors of one source shard take once converted: MXFP4 blocks dequantized when
     `experts` is a dtype (each byte holds two values), float tensors in their new dtype."""
@@ -241,7 +170,7 @@ def convert(src: str | Path, out: str | Path, revision: str | None = None, exper
             except (RuntimeError, ValueError) as e:
                 raise ReliefError(f"could not read {shard}: {e}; download it again") from e
             pending |= loaded
-            tensors = map_tensors(pending, layout, experts, DTYPES[dtype])
+            tensors = hf_to_mlx(pending, layout, experts, DTYPES[dtype])
             name = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
             safetensors_header.save(tmp / name, dict(sorted(tensors.items())), metadata={"format": "mlx"})
             outputs[name] = sorted(tensors)

@@ -53,8 +53,15 @@ def build_model(config: dict, weights: dict[str, mx.array], dtype: mx.Dtype | No
                  f"{config['num_hidden_layers']} layers, hidden size {config['hidden_size']}, {dtype}")
     model = Model(ModelArgs.from_dict(config))
     if quantization := config.get("quantization"):
-        nn.quantize(model, **quantization,
-                    class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights)
+        # mlx-lm's rule (mlx_lm.utils.load_model): a per-module entry wins (`false` keeps a module
+        # dense, as `relief fuse` writes for dequantized experts), else a module with scales is quantized
+        def quantized(path: str, module: nn.Module) -> bool | dict:
+            if path in quantization:
+                return quantization[path]
+            return hasattr(module, "to_quantized") and f"{path}.scales" in weights
+
+        defaults = {k: quantization[k] for k in ("group_size", "bits", "mode") if k in quantization}
+        nn.quantize(model, **defaults, class_predicate=quantized)
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:

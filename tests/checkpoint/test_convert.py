@@ -24,16 +24,16 @@ def test_converted_model_matches_a_float_reference_from_the_hf_tensors(mini_hf, 
 def test_verify_fails_a_conversion_with_gate_and_up_swapped(mini_hf, tmp_path, monkeypatch):
     """Regression: verify built its reference through the converter's own mapping, so a mapping
     bug showed on both sides and passed."""
-    from relief_mlx.checkpoint import convert as convert_module
+    from relief_mlx.checkpoint import layout
 
-    real = convert_module._split_gate_up
+    real = layout._split_gate_up
 
     def swapped(prefix, suffix, value, axis):
         parts = real(prefix, suffix, value, axis)
         gate, up = (f"{prefix}.{p}.{suffix}" for p in ("gate_proj", "up_proj"))
         return {gate: parts[up], up: parts[gate]}
 
-    monkeypatch.setattr(convert_module, "_split_gate_up", swapped)
+    monkeypatch.setattr(layout, "_split_gate_up", swapped)
     code, output = _run("convert", mini_hf, "--out", tmp_path / "swapped", "--verify")
     assert code == 1, output
     error = output.splitlines()[-1]
