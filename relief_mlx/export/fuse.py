@@ -22,7 +22,6 @@ differ by more than `TOLERANCE` of the merged weights' dtype.
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -34,10 +33,12 @@ import numpy as np
 from .. import hub
 from ..checkpoint.convert import TOKENIZER_FILES
 from ..checkpoint.layout import DTYPES, mlx_quantization
+from ..checkpoint.safetensors_header import check
 from ..errors import ReliefError
 from ..io import atomic_dir, write_json, write_manifest
-from ..model.load import build_model, read_weights
-from ..model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_adapter
+from ..model.load import build_model, read_config, read_weights
+from ..model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_adapter, check_base
+from ..model.lora import read_config as read_lora_config
 
 QUANTIZED = ("dequantize", "keep-adapter", "requantize")
 KEPT_ADAPTER = "adapter"
@@ -108,14 +109,10 @@ def read_adapter(path: str | Path, weights: dict[str, mx.array], config: dict) -
     config_file, weights_file = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
     if not config_file.is_file() or not weights_file.is_file():
         raise ReliefError(f"{path} is not an adapter folder: it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
-    adapter_config = json.loads(config_file.read_text())
-    if adapter_config.get("fine_tune_type", "lora") != "lora":
-        raise ReliefError(f"{config_file}: fine_tune_type {adapter_config['fine_tune_type']!r} cannot be fused; "
-                          "only 'lora'")
-    params = adapter_config.get("lora_parameters", {})
-    if not {"rank", "scale"} <= set(params):
-        raise ReliefError(f"{config_file} needs lora_parameters.rank and .scale (mlx-lm's adapter format)")
-    rank, tensors = int(params["rank"]), mx.load(str(weights_file))
+    # fields checked against the model (relief_mlx.model.lora), tensors only after their header
+    adapter_config = read_lora_config(config_file, config["num_hidden_layers"], config["hidden_size"])
+    params = adapter_config["lora_parameters"]
+    rank, tensors = int(params["rank"]), mx.load(str(check(weights_file)))
     quantization = config.get("quantization") or {}
     lora = {}
     for name in sorted(tensors):
@@ -201,10 +198,9 @@ def merge(weights: dict[str, mx.array], adapter: Adapter | None, config: dict, q
 
 
 def model_config(path: Path) -> dict:
-    file = path / "config.json"
-    if not file.is_file():
+    if not (path / "config.json").is_file():
         raise ReliefError(f"{path} has no config.json; pass a folder written by `relief convert` or `relief fuse`")
-    return json.loads(file.read_text())
+    return read_config(path)  # checked: a hostile config is one line, not an allocation
 
 
 def base_and_adapter(model: str | Path, adapter: str | Path | None) -> tuple[Path, dict, dict, Adapter | None]:
@@ -212,6 +208,8 @@ def base_and_adapter(model: str | Path, adapter: str | Path | None) -> tuple[Pat
     path, _ = hub.resolve(model)
     config = model_config(path)
     weights = read_weights(path)
+    if adapter is not None:
+        check_base(adapter, path)  # an adapter trained on other weights of the same shapes
     return path, config, weights, (read_adapter(adapter, weights, config) if adapter is not None else None)
 
 
