@@ -482,8 +482,10 @@ def _acquire(file: Path, target: Path) -> int:
         if same:
             break
         os.close(fd)  # the holder removed the file while we opened it: lock the new one
-    me = {"pid": os.getpid(), "host": socket.gethostname(),
-          "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:3]]), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    program = Path(sys.argv[0]).name
+    program = "relief" if program in ("__main__.py", "relief") else program  # `python -m relief_mlx` too
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join([program, *sys.argv[1:3]]),
+          "since": time.strftime("%Y-%m-%d %H:%M:%S")}
     previous = _owner(fd)
     if previous.get("host") not in (None, me["host"]):  # flock may not reach across machines: trust the record
         os.close(fd)

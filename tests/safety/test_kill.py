@@ -192,3 +192,30 @@ def test_two_ranks_killed_inside_a_checkpoint_write_resume_to_the_one_rank_adapt
         assert_close(reference.run_dir / name, run / name, 1e-4)  # ranks sum in another order: float32 rounding
     assert metrics_steps(run)[0] == [1, 2, 3, 4, 5, 6]
     assert leftovers(run) == [] and leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------- fuse and export
+
+
+@pytest.mark.slow
+@pytest.mark.survives("kill", "relief fuse / relief export (hf, gguf): SIGKILL inside an output file, then run again")
+def test_fuse_and_export_killed_in_a_file_leave_nothing_and_run_again(mini_mlx_f32, reference_run, tmp_path,
+                                                                      survival):
+    adapter = str(reference_run.run_dir)
+    commands = {
+        "fuse": (("fuse", "--model", str(mini_mlx_f32), "--adapter", adapter, "--out"), "fused", "{out}/", 1),
+        "export --format hf": (("export", "--model", str(mini_mlx_f32), "--adapter", adapter, "--format", "hf",
+                                "--out"), "hf", "{out}/", 3),
+        "export --format gguf": (("export", "--model", str(mini_mlx_f32), "--adapter", adapter, "--format", "gguf",
+                                  "--out"), "model.gguf", "{dir}/model.", 2),
+    }
+    for name, (args, target, label, number) in commands.items():  # killed in the number-th file it commits
+        out = tmp_path / name.replace(" ", "-") / target
+        done = relief(*args, str(out), fault=f"kill:{number}:write {label.format(out=out, dir=out.parent)}")
+        assert done.returncode == -signal.SIGKILL, f"{name}: the fault never fired\n{done.stderr}"
+        assert not out.exists() and not [p for p in out.parent.iterdir() if not p.name.startswith(".")], name
+        survival.tried(f"{name}, file {number}")
+        again = relief(*args, str(out))
+        assert again.returncode == 0, again.stderr
+        assert leftovers(out.parent) == [], name
+        complete_or_absent(*([out] if out.is_dir() else []))
