@@ -92,15 +92,20 @@ def test_two_conversions_into_one_folder_one_converts_the_other_is_refused(mini_
     assert leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("command", ["convert", "synth", "eval"])
-@pytest.mark.survives("concurrent writer", "relief convert / synth / eval into an --out another process writes")
+@pytest.mark.parametrize("command", ["convert", "synth", "eval", "fuse", "export"])
+@pytest.mark.survives("concurrent writer", "relief convert / synth / eval / fuse / export into an --out another "
+                                           "process writes")
 def test_commands_refuse_an_out_folder_another_process_writes(command, mini_hf, mini_mlx_f32, tiny_data, tmp_path,
-                                                              holder):
+                                                              holder, reference_run):
     out = tmp_path / "out"
     owner = holder(out)
+    adapter = ("--adapter", str(reference_run.run_dir))
     args = {"convert": ("convert", str(mini_hf), "--out", str(out)),
             "synth": ("synth", "--preset", "mini", "--out", str(out)),
-            "eval": ("eval", "--model", str(mini_mlx_f32), "--data", str(tiny_data), "--out", str(out))}[command]
+            "eval": ("eval", "--model", str(mini_mlx_f32), "--data", str(tiny_data), "--out", str(out)),
+            "fuse": ("fuse", "--model", str(mini_mlx_f32), *adapter, "--out", str(out)),
+            "export": ("export", "--model", str(mini_mlx_f32), *adapter, "--format", "peft", "--out", str(out)),
+            }[command]
     line = one_line_error(relief(*args))
     assert f"{out} is being written by pid {owner.pid} on {socket.gethostname()}" in line, line
     assert not out.exists()
