@@ -279,7 +279,7 @@ def check_manifest(folder: Path) -> str | None:
 # ---------------------------------------------------------------- folders
 
 
-def _leftovers(path: Path) -> list[Path]:
+def leftovers(path: Path) -> list[Path]:
     """`.NAME.partial-PID-*` and `.NAME.old-PID*` beside `path` whose writer no longer runs."""
     found = []
     for p in path.parent.glob(f".{glob.escape(path.name)}.*"):
@@ -307,7 +307,7 @@ def atomic_dir(path: str | Path, overwrite: bool = False, lock: bool = True) -> 
     path = Path(path)
     with folder_lock(path) if lock else contextlib.nullcontext():
         _refuse_used(path, overwrite)
-        for leftover in _leftovers(path):
+        for leftover in leftovers(path):
             shutil.rmtree(leftover, ignore_errors=True)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -362,7 +362,7 @@ def atomic_files(folder: str | Path, names: list[str], overwrite: bool = False) 
         clash = next((n for n in names if (folder / n).exists()), None)
         if clash is not None and not overwrite:
             raise ReliefError(f"{folder / clash} already exists; choose another --out or pass --overwrite")
-        for leftover in _leftovers(last):
+        for leftover in leftovers(last):
             shutil.rmtree(leftover, ignore_errors=True)
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -393,7 +393,7 @@ def recover_dir(path: Path) -> str | None:
     problem = check_manifest(path) if path.is_dir() else f"{path} is missing"
     done = None
     if problem is not None:
-        complete = [p for p in _leftovers(path) if p.is_dir() and check_manifest(p) is None]
+        complete = [p for p in leftovers(path) if p.is_dir() and check_manifest(p) is None]
         if not complete:
             return None  # nothing better to offer: the reader names the problem
         # the newest manifest; a partial folder is newer than the old one its swap moved aside
@@ -403,7 +403,7 @@ def recover_dir(path: Path) -> str | None:
         os.replace(chosen, path)
         _fsync_dir(path.parent)
         done = f"{problem}; the complete copy {chosen.name} took its place"
-    for leftover in _leftovers(path):  # older or torn copies: `path` is whole now
+    for leftover in leftovers(path):  # older or torn copies: `path` is whole now
         shutil.rmtree(leftover, ignore_errors=True)
     return done
 
