@@ -50,7 +50,8 @@ def build_model(config: dict, weights: dict[str, mx.array], dtype: mx.Dtype | No
     check_config(config, "config.json")
     check_memory("loading the model", weight_bytes(config, dtype.size, bool(config.get("quantization"))),
                  "use a machine with more memory, or MXFP4 experts (`relief convert --experts mxfp4`)",
-                 f"{config['num_hidden_layers']} layers, hidden size {config['hidden_size']}, {dtype}")
+                 f"{config['num_hidden_layers']} layers, hidden size {config['hidden_size']}, "
+                 f"{str(dtype).rpartition('.')[2]}")
     model = Model(ModelArgs.from_dict(config))
     if quantization := config.get("quantization"):
         # mlx-lm's rule (mlx_lm.utils.load_model): a per-module entry wins (`false` keeps a module
