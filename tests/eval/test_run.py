@@ -46,7 +46,7 @@ def cli_run(mini_mlx_f32, trained_adapter, eval_data, tmp_path_factory):
 def test_eval_writes_every_file_for_base_and_adapter(cli_run):
     out, result = cli_run
     assert {p.name for p in out.iterdir()} == {"examples.jsonl", "examples.partial.jsonl", "summary.json",
-                                               "report.md", "coverage.png"}
+                                               "report.md", "coverage.png", "relief-manifest.json"}  # the last
     records = [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines()]
     assert [(r["variant"], r["id"]) for r in records] == [
         (v, f"{it['category']}-{n}") for v in ("base", "run/best") for n, it in enumerate(ITEMS, start=1)]
