@@ -95,6 +95,9 @@ def _train(recipe: Recipe, resume: str | Path | None, on_event: Event | None, ov
     if fingerprint := base_fingerprint(model_dir):  # an adapter knows the weights it was trained on
         adapter_config["base_fingerprint"] = fingerprint
     splits = load_splits(recipe.data, tokenizer, need_valid=vc.every >= 0)
+    if tc.batch_size > len(splits.train):  # 10^5 put the whole bundled split in one micro-batch: 13.5 GB, a segfault
+        raise ReliefError(f"train.batch_size = {tc.batch_size} is more than the {len(splits.train)} training examples; "
+                          f"lower it to {len(splits.train)} or less")
     if recipe.eval.enabled and rank == 0:  # [eval] fails now, not after training
         from ..eval.run import check_before_training
 

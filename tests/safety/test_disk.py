@@ -67,7 +67,8 @@ def test_a_full_disk_in_any_write_of_a_run_is_one_line_and_the_run_resumes(no_sp
         assert_close(reference.run_dir / name, run / name, 1e-6)
 
 
-@pytest.mark.survives("full disk", "relief train on a real full disk (tmpfs), then --resume once there is space")
+@pytest.mark.survives("full disk", "relief train stopped by SIGTERM, then on a real full disk (tmpfs), then --resume "
+                                   "once there is space")
 def test_a_run_on_a_disk_that_fills_stops_in_one_line_and_resumes(small_disk, reference, mini_mlx_f32, tiny_data,
                                                                   tmp_path, no_space):
     disk = small_disk or tmp_path

@@ -73,28 +73,13 @@ def test_train_killed_in_every_kind_of_write_resumes_to_the_uninterrupted_adapte
     assert leftovers(run) == [] and leftovers(tmp_path) == []
 
 
-@pytest.mark.survives("kill", "relief train: the write points the kill chain names exist")
-def test_the_chain_reaches_every_label_it_names(mini_mlx_f32, tiny_data, tmp_path, monkeypatch):
-    """The labels of TRAIN_CHAIN are write points an uninterrupted run passes (RELIEF_FAULT_LOG)."""
-    log = tmp_path / "points.log"
-    monkeypatch.setenv("RELIEF_FAULT_LOG", str(log))
-    run = tmp_path / "run"
-    train(load_recipe(recipe_file(tmp_path, mini_mlx_f32, tiny_data, run)))
-    points = log.read_text().splitlines()
-    for _, label in TRAIN_CHAIN:
-        assert label.format(run=run) in points, label
-    assert sum(p.startswith("append ") for p in points) == 6  # 4 steps and 2 validations
-
-
 # ---------------------------------------------------------------- convert
 
 
 CONVERT_POINTS = [
     ("the first output shard", "write {out}/model-00001-of-00003.safetensors"),
-    ("the last output shard", "write {out}/model-00003-of-00003.safetensors"),
-    ("config.json", "write {out}/config.json"),
     ("tokenizer.json", "write {out}/tokenizer.json"),
-    ("the manifest", "write {out}/relief-manifest.json"),
+    ("the manifest, written last", "write {out}/relief-manifest.json"),
 ]
 
 

@@ -28,6 +28,15 @@ def test_a_lora_rank_above_the_layer_is_refused_before_training(rank, mini_mlx_f
     assert not (tmp_path / "run" / "checkpoint").exists()
 
 
+@pytest.mark.survives("absurd sizes", "train.batch_size 10^5, more examples than the split holds (segfaulted at "
+                                      "13.5 GB)")
+def test_a_batch_larger_than_the_training_split_is_refused(mini_mlx_f32, tiny_data, tmp_path):
+    recipe = load_recipe(recipe_file(tmp_path, mini_mlx_f32, tiny_data, tmp_path / "run", "train.batch_size=100000"))
+    with pytest.raises(ReliefError, match=r"train.batch_size = 100000 is more than the 6 training examples; lower it "
+                                          r"to 6 or less"):
+        train(recipe)
+
+
 @pytest.mark.survives("absurd sizes", "relief inspect --recipe with a rank of 10^9: refused with the reason")
 def test_inspect_refuses_a_rank_no_layer_can_hold(mini_mlx_f32, tiny_data, tmp_path):
     recipe = recipe_file(tmp_path, mini_mlx_f32, tiny_data, tmp_path / "run", "lora.rank=1000000000")
