@@ -38,3 +38,6 @@ def test_train_errors_are_one_line_and_exit_1(tmp_path):
     assert result.output.strip().splitlines() == [f"error: {recipe}: train.epochs must be int, not str '3'"]
     result = CliRunner().invoke(cli, ["train"])
     assert result.exit_code == 1 and "pass a recipe" in result.output
+    result = CliRunner().invoke(cli, ["train", str(recipe), "--resume", str(tmp_path), "--overwrite"])
+    assert result.exit_code == 1 and result.output.strip() == (
+        "error: --resume continues a run and --overwrite starts one over; pass one of them")
