@@ -111,7 +111,7 @@ def save_checkpoint(run: Path, model: nn.Module, optimizer: optim.Optimizer, run
 
 def is_run(run: Path) -> bool:
     """Whether the folder holds a relief run (so --overwrite may clear it)."""
-    return any((run / name).exists() for name in (RECIPE, METRICS, CHECKPOINT, ADAPTER_CONFIG))
+    return any((run / name).exists() for name in (RECIPE, METRICS, CHECKPOINT))
 
 
 def clear(run: Path) -> None:

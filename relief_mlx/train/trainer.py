@@ -69,7 +69,7 @@ def train(recipe: Recipe, resume: str | Path | None = None, on_event: Event | No
     except WriteError as e:
         raise ReliefError(f"could not write {e.path}: {e.reason}; {state.intact(run)} once there is space") from e
     except RuntimeError as e:
-        if group.size() == 1:
+        if group.size() == 1 or not any(w in str(e).lower() for w in ("ring", "peer", "connection", "mpi", "nccl")):
             raise  # a bug, not a lost peer
         raise ReliefError(f"rank {group.rank()} of {group.size()} lost the others ({e}): a rank stopped or its "
                           f"machine went away; {state.intact(run)} on every rank") from e
