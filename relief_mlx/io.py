@@ -65,10 +65,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _alive(pid: int) -> bool:
-    """Whether process `pid` runs on this machine (our own process counts as dead: what we left
-    behind from an earlier failed write is ours to remove)."""
-    if pid == os.getpid():
-        return False
+    """Whether process `pid` runs on this machine (this one included: another of its threads may be
+    writing; a write that fails removes its own temporaries)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
