@@ -32,6 +32,7 @@ from ..errors import ReliefError
 from ..io import write_json, write_text
 from ..model.load import build_model, read_weights
 from ..model.lora import ADAPTER_CONFIG
+from ..model.moe import gather_only
 from ..recipe import Recipe, load_recipe, to_toml
 from . import distributed, state
 from .data import MicroBatch, Splits, epoch_order, eval_order, load_splits, micro_batch
@@ -242,7 +243,13 @@ def make_micro_step(model: nn.Module, tc) -> Callable:
         return step
     # The model's arrays and the random state are read (and rebound) inside: declare them.
     compiled_state = [model.state, mx.random.state]
-    return partial(mx.compile, inputs=compiled_state, outputs=compiled_state)(step)
+    compiled = partial(mx.compile, inputs=compiled_state, outputs=compiled_state)(step)
+
+    def traced(*args):
+        with gather_only():  # a compiled step cannot sync with the host to group experts
+            return compiled(*args)
+
+    return traced
 
 
 def _arrays(mb: MicroBatch) -> tuple[mx.array, ...]:
