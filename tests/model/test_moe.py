@@ -108,3 +108,28 @@ def test_compiled_forward_takes_the_gather_path_and_agrees():
     want = model(tokens)  # 80 pairs: grouped
     got = mx.compile(forward)(tokens)  # would fail to sync with the host if it grouped
     np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-6)
+
+
+def test_a_compiled_training_step_agrees_with_the_uncompiled_one():
+    """Guards `make_micro_step`'s compile path: a traced step cannot sync with the host to group."""
+    from mlx.utils import tree_map
+
+    from relief_mlx.recipe import LoraSection, TrainSection
+    from relief_mlx.train.targets import apply_lora
+    from relief_mlx.train.trainer import make_micro_step
+
+    model = _tiny_model()
+    apply_lora(model, LoraSection(targets=("mlp.experts.*",), rank=2))
+    model.update(tree_map(lambda p: p + 0.05, model.trainable_parameters()))  # nonzero LoRA B
+    tokens = np.arange(1, 22) % 64
+    batch = (mx.array(tokens[None, :-1]), mx.arange(20), mx.array(tokens[1:]), mx.ones(20),
+             mx.array(tokens[None, 1:]), mx.ones((1, 20)))
+    results = []
+    for compile_ in (False, True):
+        step = make_micro_step(model, TrainSection(compile=compile_, loss_chunk=8))
+        loss, grads = step(tree_map(mx.zeros_like, model.trainable_parameters()), *batch)
+        results.append((loss.item(), dict(tree_flatten(grads))))
+    (want, want_grads), (got, got_grads) = results
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for name, g in want_grads.items():
+        np.testing.assert_allclose(np.array(got_grads[name]), np.array(g), rtol=1e-4, atol=1e-5 * np.abs(g).max())
