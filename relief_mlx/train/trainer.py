@@ -30,6 +30,7 @@ from .. import hub
 from ..data.harmony import HarmonyTokenizer
 from ..errors import ReliefError
 from ..io import write_json, write_text
+from ..memory import forecast_run
 from ..model.load import build_model, read_weights
 from ..model.lora import ADAPTER_CONFIG
 from ..model.moe import gather_only
@@ -69,6 +70,9 @@ def train(recipe: Recipe, resume: str | Path | None = None, on_event: Event | No
     if not resume and rank == 0 and run.exists() and any(run.iterdir()):
         raise ReliefError(f"{run} already holds files; continue that run with --resume {run} "
                           "or choose another output.dir")
+
+    # -- memory: the forecast, or a refusal before anything is loaded
+    emit("forecast", forecast_run(recipe))
 
     # -- model, LoRA, data
     wall = time.perf_counter()
