@@ -106,7 +106,8 @@ def recipe_forecast(recipe, config: dict, dtype_bytes: int) -> dict[str, int]:
     from .train.targets import trainable_parameters
 
     tc, length = recipe.train, recipe.data.max_length
-    shape = StepShape(tokens=tc.batch_size * length, sequence=length, trained=tc.batch_size * length,
+    rows = 1 if tc.pack else tc.batch_size  # a packed micro-batch is one row
+    shape = StepShape(tokens=rows * length, sequence=length, trained=rows * length,
                       trainable=trainable_parameters(config, recipe), grad_checkpoint=tc.grad_checkpoint,
                       loss_chunk=tc.loss_chunk)
     mxfp4 = (config.get("quantization") or {}).get("mode") == "mxfp4"

@@ -16,6 +16,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
 
+from .pack import masks
+
 
 def _checkpointed(layer: nn.Module, x: mx.array, mask) -> mx.array:
     """`layer(x, mask)` with activations recomputed in the backward pass (as mlx-lm's
@@ -28,16 +30,22 @@ def _checkpointed(layer: nn.Module, x: mx.array, mask) -> mx.array:
     return mx.checkpoint(run)(layer.trainable_parameters(), x)
 
 
-def hidden_states(model: nn.Module, inputs: mx.array, checkpoint: bool = False) -> mx.array:
+def hidden_states(model: nn.Module, inputs: mx.array, checkpoint: bool = False,
+                  segments: mx.array | None = None) -> mx.array:
     """Final-norm hidden states of mlx-lm's gpt-oss (`model.model(inputs)`), (B, T) -> (B, T, D).
 
-    Written out so each layer can be checkpointed; the masks are the model's own. Right padding
-    needs no padding mask: a causal mask never lets a real token see a later pad.
+    Written out so each layer can be checkpointed; the masks are the model's own, or those of
+    packed rows when `segments` (B, T) says which conversation each position belongs to
+    (`pack.masks`). Right padding needs no padding mask: a causal mask never lets a real token
+    see a later pad.
     """
     inner = model.model
     x = inner.embed_tokens(inputs)
-    full = create_attention_mask(x, None)
-    sliding = create_attention_mask(x, None, window_size=inner.window_size)
+    if segments is not None:
+        full, sliding = masks(segments, inner.window_size)
+    else:
+        full = create_attention_mask(x, None)
+        sliding = create_attention_mask(x, None, window_size=inner.window_size)
     for layer, kind in zip(inner.layers, inner.layer_types, strict=True):
         mask = full if kind == "full_attention" else sliding
         x = _checkpointed(layer, x, mask) if checkpoint else layer(x, mask)
@@ -120,15 +128,16 @@ def cross_entropy_value(head: nn.Module, h: mx.array, targets: mx.array, weights
 
 
 def loss_sum(model: nn.Module, inputs: mx.array, positions: mx.array, targets: mx.array,
-             weights: mx.array, chunk: int, checkpoint: bool) -> mx.array:
-    """Summed cross-entropy of the trained positions of one micro-batch (see `data.MicroBatch`)."""
-    h = hidden_states(model, inputs, checkpoint)  # (B, T, D)
+             weights: mx.array, chunk: int, checkpoint: bool, segments: mx.array | None = None) -> mx.array:
+    """Summed cross-entropy of the trained positions of one micro-batch (see `data.MicroBatch`;
+    `segments` for a packed row, see `pack.PackedBatch`)."""
+    h = hidden_states(model, inputs, checkpoint, segments)  # (B, T, D)
     h = h.reshape(-1, h.shape[-1])[positions]  # (K, D)
     return chunked_cross_entropy(model.lm_head, h, targets, weights, chunk)
 
 
 def plain_loss_sum(model: nn.Module, inputs: mx.array, targets_full: mx.array, mask_full: mx.array,
-                   checkpoint: bool) -> mx.array:
+                   checkpoint: bool, segments: mx.array | None = None) -> mx.array:
     """The same sum with every logit materialized, as mlx-lm computes it (`train.loss_chunk = 0`)."""
-    logits = model.lm_head(hidden_states(model, inputs, checkpoint))  # (B, T, V)
+    logits = model.lm_head(hidden_states(model, inputs, checkpoint, segments))  # (B, T, V)
     return (nn.losses.cross_entropy(logits.astype(mx.float32), targets_full) * mask_full).sum()

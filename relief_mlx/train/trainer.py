@@ -38,6 +38,7 @@ from ..recipe import Recipe, load_recipe, to_toml
 from . import distributed, state
 from .data import MicroBatch, Splits, epoch_order, eval_order, load_splits, micro_batch
 from .loss import cross_entropy_value, hidden_states, loss_sum, plain_loss_sum
+from .pack import PackedBatch, pack_rows, packed_micro_batch
 from .schedule import learning_rate
 from .targets import apply_lora, count_trainable
 
@@ -124,8 +125,10 @@ def train(recipe: Recipe, resume: str | Path | None = None, on_event: Event | No
             grads = tree_map(mx.zeros_like, model.trainable_parameters())
             counts = np.zeros(4, np.float32)  # loss sum, trained tokens, tokens, stop flag
             model.train()
-            for index in range(rank, len(batches), world):
-                mb = micro_batch(splits.train, batches[index], recipe.data.max_length, tc.pad_multiple)
+            rows = pack_rows(batches, lengths, recipe.data.max_length) if tc.pack else batches
+            for index in range(rank, len(rows), world):
+                build = packed_micro_batch if tc.pack else micro_batch
+                mb = build(splits.train, rows[index], recipe.data.max_length, tc.pad_multiple)
                 mx.random.seed(_micro_seed(tc.seed, progress.step, index))  # dropout
                 loss, grads = micro_step(grads, *_arrays(mb))
                 mx.eval(loss, grads)
@@ -232,10 +235,10 @@ def make_micro_step(model: nn.Module, tc) -> Callable:
     """(accumulated grads, batch arrays) -> (summed loss, grads + this batch's grads), compiled
     when `tc.compile`; the batch arrays are `train.data.micro_batch`'s, in `MicroBatch` order."""
 
-    def loss_fn(model, inputs, positions, targets, weights, targets_full, mask_full):
+    def loss_fn(model, inputs, positions, targets, weights, targets_full, mask_full, segments=None):
         if tc.loss_chunk:
-            return loss_sum(model, inputs, positions, targets, weights, tc.loss_chunk, tc.grad_checkpoint)
-        return plain_loss_sum(model, inputs, targets_full, mask_full, tc.grad_checkpoint)
+            return loss_sum(model, inputs, positions, targets, weights, tc.loss_chunk, tc.grad_checkpoint, segments)
+        return plain_loss_sum(model, inputs, targets_full, mask_full, tc.grad_checkpoint, segments)
 
     value_and_grad = nn.value_and_grad(model, loss_fn)
 
@@ -257,8 +260,9 @@ def make_micro_step(model: nn.Module, tc) -> Callable:
 
 
 def _arrays(mb: MicroBatch) -> tuple[mx.array, ...]:
+    packed = (mb.segments,) if isinstance(mb, PackedBatch) else ()
     return tuple(mx.array(a) for a in (mb.inputs, mb.positions, mb.targets, mb.weights,
-                                       mb.targets_full, mb.mask_full))
+                                       mb.targets_full, mb.mask_full, *packed))
 
 
 def _micro_seed(seed: int, step: int, index: int) -> int:
