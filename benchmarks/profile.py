@@ -167,13 +167,12 @@ def main() -> None:
     record("loss head, full logits (mlx-lm's loss)", lambda: full(h))
 
     # -- AdamW over 24 layers' q/v LoRA (1,990,656 parameters)
-    lora = {f"l{i}": tree_map(lambda p: mx.zeros_like(p), holder.trainable_parameters()) for i in range(24)}
-    grads = tree_map(lambda p: mx.ones_like(p) * 1e-3, lora)
     model24 = nn.Module()
-    model24.update(lora)
+    model24.layers = [tree_map(mx.zeros_like, holder.trainable_parameters()) for _ in range(24)]
+    grads = tree_map(lambda p: mx.ones_like(p) * 1e-3, model24.trainable_parameters())
     opt = optim.AdamW(learning_rate=1e-4)
     opt.init(model24.trainable_parameters())
-    mx.eval(lora, grads, opt.state)
+    mx.eval(model24.parameters(), grads, opt.state)
 
     def update():
         opt.update(model24, grads)
@@ -182,7 +181,7 @@ def main() -> None:
     record("AdamW update, 24 layers of q/v LoRA", update)
 
     result = {"tokens": t, "experts": args_cli.experts, "dtype": "float32", "backend": backend(mx),
-              "lora_parameters_24_layers": sum(v.size for _, v in tree_flatten(lora)), "seconds": out}
+              "lora_parameters_24_layers": sum(v.size for _, v in tree_flatten(grads)), "seconds": out}
     path = args_cli.out or ROOT / "benchmarks" / "results" / f"profile-{args_cli.experts}-{backend(mx)}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"-> {path}")

@@ -95,7 +95,21 @@ def format_table(result: dict) -> str:
     trials = result["config"]["trials"]
     lines += ["", f"median (min-max) of {trials} trials; tok/s ratios trial by trial (runners alternate), "
                   "above 1x is faster; memory ratios below 1x are leaner"]
-    return "\n".join(lines)
+    return "\n".join(lines + memory_lines(result))
+
+
+def memory_lines(result: dict) -> list[str]:
+    """relief's LoRA step memory: the forecast (`relief_mlx.memory`) and each part measured alone."""
+    memory = (result.get("training") or {}).get("memory")
+    if not memory:
+        return []
+    parts = ("weights", "activations", "loss_head", "lora_state")
+    forecast, measured = memory["forecast"], memory["measured"]
+    row = lambda d: "  ".join(f"{k.replace('_', ' ')} {d[k] / GIB:.2f}" for k in parts)  # noqa: E731
+    return ["", "relief LoRA step memory, GiB",
+            f"  forecast   {forecast['total'] / GIB:.2f}: {row(forecast)}",
+            f"  measured   peak {measured['peak'] / GIB:.2f}; each part alone: {row(measured)}; "
+            f"allocator cache {measured['allocator_cache'] / GIB:.2f}"]
 
 
 def markdown(result: dict) -> str:

@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import mlx.core as mx
 
 from ..errors import ReliefError
 from ..generate.loop import DEFAULT_PREFILL_CHUNK
+from ..memory import train_forecast
 from ..model.load import default_dtype
 from . import memory, source
 from .generation import bench_generation
 from .stats import paired_ratio
-from .training import bench_training, train_shape
+from .training import bench_training, memory_breakdown, train_shape
 
 FORMAT = "relief-bench/1"
 COMPARE = ("mlx-lm",)
@@ -76,10 +78,27 @@ class BenchConfig:
             raise ReliefError(f"--compare {unknown[0]} is not supported; choose one of {', '.join(COMPARE)}")
 
 
+    def command(self) -> str:
+        """The `relief bench` command line that runs this configuration (options left at their
+        defaults omitted)."""
+        words = ["relief", "bench"]
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value == f.default:
+                continue
+            option = "--" + f.name.replace("_", "-")
+            if f.name == "training":
+                words.append("--no-training")
+            elif f.name == "compare":
+                words += [w for c in value for w in (option, c)]
+            else:
+                words += [option, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+        return shlex.join(words)
+
+
 def run_bench(config: BenchConfig, on_event: Event | None = None) -> dict:
     """Measure generation (and LoRA training) speed and memory of one model; see module doc."""
     say = on_event or (lambda message: None)
-    runners = ("relief", *config.compare)
     src = source.describe(config.model, config.preset, config.experts)
     dtype = default_dtype()
     dtype_bytes = dtype.size
@@ -118,8 +137,11 @@ def run_bench(config: BenchConfig, on_event: Event | None = None) -> dict:
         "build_s": time.perf_counter() - tic,
     }
 
+    # -- mlx-lm runs its own model on the same weight arrays
+    models = {"relief": model} | {name: source.mlx_lm_model(model, src.config) for name in config.compare}
+
     # -- generation, each decode figure against the bandwidth limit
-    generation = bench_generation(model, runners, config.prompt_lengths, config.gen_lengths, config.trials,
+    generation = bench_generation(models, config.prompt_lengths, config.gen_lengths, config.trials,
                                   config.prefill_chunk, config.seed, say)
     for rows in generation.values():
         for row in rows["decode"]:
@@ -130,14 +152,23 @@ def run_bench(config: BenchConfig, on_event: Event | None = None) -> dict:
     if shape is not None:
         from ..train.targets import apply_lora
 
-        mx.random.seed(config.seed)
-        apply_lora(model, shape.lora)
+        for m in models.values():  # the same LoRA initialization on each
+            mx.random.seed(config.seed)
+            apply_lora(m, shape.lora)
         training = {"shape": shape.to_dict(),
-                    "runners": bench_training(model, runners, shape, config.trials, config.seed, say)}
+                    "runners": bench_training(models, shape, config.trials, config.seed, say)}
+        say("training: memory breakdown (body and loss head alone)")
+        training["memory"] = {
+            "forecast": train_forecast(src.config, dtype_bytes, src.mxfp4, shape.step_shape(model)),
+            "measured": memory_breakdown(model, shape, config.seed) | {
+                "peak": training["runners"]["relief"]["peak_memory_bytes"],
+                "allocator_cache": training["runners"]["relief"]["cache_bytes"]},
+        }
 
     return {
         "format": FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": config.command(),
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
         "machine": machine | {"node": platform.node(), "load_average": {"before": load_before,
                                                                          "after": _load_average()}},

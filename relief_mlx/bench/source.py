@@ -86,6 +86,21 @@ def build(source: Source, dtype: mx.Dtype, seed: int = 0, progress: Progress | N
     return model
 
 
+def mlx_lm_model(model: nn.Module, config: dict) -> nn.Module:
+    """mlx-lm's own gpt-oss `Model` holding the very arrays of `model` (nothing is copied): what
+    the mlx-lm runners measure, so they run mlx-lm's modules (its MoE and YaRN), not relief's."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import gpt_oss
+
+    stock = gpt_oss.Model(gpt_oss.ModelArgs.from_dict(config))
+    if quantization := config.get("quantization"):
+        quantized = {name for name, m in model.named_modules() if "scales" in m}
+        nn.quantize(stock, **quantization, class_predicate=lambda p, m: p in quantized)
+    stock.load_weights(tree_flatten(model.parameters()), strict=True)
+    stock.eval()
+    return stock
+
+
 def random_tensors(config: dict, dtype: mx.Dtype, seed: int = 0) -> Iterator[tuple[str, mx.array]]:
     """(Hugging Face name, random tensor) for every tensor of `config`, in file order.
 

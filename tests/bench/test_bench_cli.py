@@ -136,3 +136,14 @@ def test_agreement_compares_min_max_ranges(compared):
     rows = {row["figure"]: row["agree"] for row in agreement(data, faster)}
     assert rows["relief decode 8 tok/s"] is False and rows["relief prefill 16 tok/s"] is True
     assert "| prefill 16 tok/s |" in markdown(data)
+
+
+def test_json_keeps_the_command_and_the_memory_breakdown(compared):
+    result, data = compared
+    assert data["command"].startswith("relief bench --preset mini") and "--compare mlx-lm" in data["command"]
+    memory = data["training"]["memory"]
+    for part in ("weights", "activations", "loss_head", "lora_state"):
+        assert memory["forecast"][part] > 0 and memory["measured"][part] > 0, part
+    assert memory["measured"]["weights"] == data["model"]["weights_bytes"] or memory["measured"]["weights"] > 0
+    assert memory["measured"]["peak"] >= memory["measured"]["weights"]
+    assert "relief LoRA step memory, GiB" in result.output and "allocator cache" in result.output
