@@ -422,9 +422,12 @@ def _lengths(ctx: click.Context, param: click.Parameter, value: str) -> tuple[in
 @click.option("--model", help="Converted checkpoint folder or Hub id.")
 @click.option("--preset", help="Instead of --model: random weights at a preset's shapes, in memory "
                                "(mini, gpt-oss-20b-2l, gpt-oss-20b-6l, gpt-oss-20b).")
-@click.option("--experts", type=click.Choice(["mxfp4", "dense"]),
-              help="A preset's experts: mxfp4 (as published) or dense (dequantized to the model's dtype) "
+@click.option("--experts", type=click.Choice(["mxfp4", "dense", "dense-shared"]),
+              help="A preset's experts: mxfp4 (as published), dense (dequantized to the model's dtype) or "
+                   "dense-shared (every layer holds layer 0's: a deep float32 model timed in less memory) "
                    "[default: mxfp4].")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]),
+              help="Float weights [default: the backend's: float32 on the CPU, bfloat16 on GPUs].")
 @click.option("--prompt-lengths", default="128,512,2048", show_default=True, callback=_lengths,
               help="Prompt lengths whose prefill is timed; decode follows the shortest.")
 @click.option("--gen-lengths", default="128,512", show_default=True, callback=_lengths,
@@ -443,7 +446,8 @@ def _lengths(ctx: click.Context, param: click.Parameter, value: str) -> tuple[in
 @click.option("--out", type=click.Path(dir_okay=False),
               help="Write the results as JSON here, the chart beside it (.png).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Chart path [default: --out with .png].")
-def bench(model: str | None, preset: str | None, experts: str | None, prompt_lengths: tuple[int, ...],
+def bench(model: str | None, preset: str | None, experts: str | None, dtype: str | None,
+          prompt_lengths: tuple[int, ...],
           gen_lengths: tuple[int, ...], trials: int, prefill_chunk: int, recipe: str | None, train_seq: int | None,
           no_training: bool, compare: tuple[str, ...], seed: int, bandwidth_mib: int, out: str | None,
           plot_path: str | None) -> None:
@@ -453,7 +457,7 @@ def bench(model: str | None, preset: str | None, experts: str | None, prompt_len
     from .bench import BenchConfig, run_bench
     from .bench.report import format_table, plot, write
 
-    config = BenchConfig(model=model, preset=preset, experts=experts, prompt_lengths=prompt_lengths,
+    config = BenchConfig(model=model, preset=preset, experts=experts, dtype=dtype, prompt_lengths=prompt_lengths,
                          gen_lengths=gen_lengths, trials=trials, prefill_chunk=prefill_chunk,
                          training=not no_training, recipe=recipe, train_seq=train_seq, compare=compare, seed=seed,
                          bandwidth_mib=bandwidth_mib)

@@ -28,6 +28,7 @@ from .training import bench_training, memory_breakdown, train_shape
 
 FORMAT = "relief-bench/1"
 COMPARE = ("mlx-lm",)
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
 Event = Callable[[str], None]
 
 
@@ -40,7 +41,10 @@ class BenchConfig:
     preset: str | None = None
     """Preset whose shapes get random weights in memory (experts MXFP4): mini, gpt-oss-20b-2l, -6l, gpt-oss-20b."""
     experts: str | None = None
-    """A preset's experts: mxfp4 (default, as published) or dense (dequantized to the model's dtype)."""
+    """A preset's experts: mxfp4 (default, as published), dense (dequantized to the model's dtype) or
+    dense-shared (dense, every layer holding layer 0's arrays: timing a deep float32 model in less memory)."""
+    dtype: str | None = None
+    """Float weights: float32 or bfloat16 (default: the backend's, float32 on the CPU)."""
     prompt_lengths: tuple[int, ...] = (128, 512, 2048)
     """Prompt lengths whose prefill is timed; decode follows the shortest."""
     gen_lengths: tuple[int, ...] = (128, 512)
@@ -73,6 +77,8 @@ class BenchConfig:
                 raise ReliefError(f"--{name.replace('_', '-')} {getattr(self, name)} is not valid; use 1 or more")
         if self.train_seq is not None and self.train_seq < 16:
             raise ReliefError(f"--train-seq {self.train_seq} is too short; use 16 tokens or more")
+        if self.dtype not in (None, *DTYPES):
+            raise ReliefError(f"--dtype {self.dtype} is not valid; choose one of {', '.join(DTYPES)}")
         unknown = [c for c in self.compare if c not in COMPARE]
         if unknown:
             raise ReliefError(f"--compare {unknown[0]} is not supported; choose one of {', '.join(COMPARE)}")
@@ -100,7 +106,7 @@ def run_bench(config: BenchConfig, on_event: Event | None = None) -> dict:
     """Measure generation (and LoRA training) speed and memory of one model; see module doc."""
     say = on_event or (lambda message: None)
     src = source.describe(config.model, config.preset, config.experts)
-    dtype = default_dtype()
+    dtype = DTYPES[config.dtype] if config.dtype else default_dtype()
     dtype_bytes = dtype.size
     shape = train_shape(config.recipe, config.train_seq) if config.training else None
 
@@ -108,6 +114,10 @@ def run_bench(config: BenchConfig, on_event: Event | None = None) -> dict:
     context = max(max(config.prompt_lengths), min(config.prompt_lengths) + max(config.gen_lengths) + 1)
     work = memory.Workload(context, config.prefill_chunk, shape.tokens if shape else 0)
     needed = memory.needed_bytes(src.config, dtype_bytes, src.mxfp4, work)
+    if src.shared_experts:  # one layer's expert arrays serve every layer
+        c = src.config
+        spared = (c["num_hidden_layers"] - 1) * c["num_local_experts"] * memory.expert_bytes(c, dtype_bytes, False)
+        needed = needed | {"weights": needed["weights"] - spared, "total": needed["total"] - spared}
     available = memory.available_memory()
     memory.check_fits(src.label, needed, available)
 
@@ -161,6 +171,7 @@ def run_bench(config: BenchConfig, on_event: Event | None = None) -> dict:
         training["memory"] = {
             "forecast": train_forecast(src.config, dtype_bytes, src.mxfp4, shape.step_shape(model)),
             "measured": memory_breakdown(model, shape, config.seed) | {
+                "weights": model_info["weights_bytes"],
                 "peak": training["runners"]["relief"]["peak_memory_bytes"],
                 "allocator_cache": training["runners"]["relief"]["cache_bytes"]},
         }

@@ -39,6 +39,8 @@ class Source:
     preset: str | None = None
     folder: str | None = None
     """A converted folder or the Hub id of one (downloaded only when built)."""
+    shared_experts: bool = False
+    """Every layer holds layer 0's dense expert arrays (`describe`'s `dense-shared`)."""
 
     @property
     def mxfp4(self) -> bool:
@@ -46,17 +48,25 @@ class Source:
 
 
 
+EXPERTS = ("mxfp4", "dense", "dense-shared")
+
+
 def describe(model: str | None, preset: str | None, experts: str | None = None) -> Source:
     """The source named by exactly one of `model` (folder or Hub id) and `preset`; a preset's
-    experts are MXFP4 (as published) or, with `experts="dense"`, dequantized to the model's dtype."""
+    experts are MXFP4 (as published) or, with `experts="dense"`, dequantized to the model's dtype.
+
+    `dense-shared` gives every layer the same dense expert arrays (layer 0's): each layer does
+    the work of a real one, in memory once, so a 6-layer float32 model fits 24 GB for timing
+    (it is not the published model: the benchmarks check it times like distinct experts)."""
     if (model is None) == (preset is None):
         raise ReliefError("pass exactly one of --model (a converted folder) and --preset "
                           f"({', '.join(PRESETS)})")
-    if experts not in (None, "mxfp4", "dense"):
-        raise ReliefError(f"--experts {experts} is not valid; choose mxfp4 or dense")
+    if experts not in (None, *EXPERTS):
+        raise ReliefError(f"--experts {experts} is not valid; choose one of {', '.join(EXPERTS)}")
     if preset is not None:
-        config = mlx_config(hf_config(preset), experts or "mxfp4")
-        return Source(f"preset {preset} (synthesized)", config, preset=preset)
+        config = mlx_config(hf_config(preset), "mxfp4" if experts in (None, "mxfp4") else "dense")
+        label = f"preset {preset} (synthesized{', experts shared by all layers' if experts == 'dense-shared' else ''})"
+        return Source(label, config, preset=preset, shared_experts=experts == "dense-shared")
     if experts is not None:
         raise ReliefError("--experts applies to --preset; a converted folder's experts are what "
                           "`relief convert --experts` wrote")
@@ -80,7 +90,8 @@ def build(source: Source, dtype: mx.Dtype, seed: int = 0, progress: Progress | N
         path, _ = hub.resolve(source.folder)
         model = build_model(source.config, read_weights(path), dtype)
     else:
-        weights = synth_weights(source.preset, dtype, seed, progress, dense=not source.mxfp4)
+        weights = synth_weights(source.preset, dtype, seed, progress, dense=not source.mxfp4,
+                                shared_experts=source.shared_experts)
         model = build_model(source.config, weights, dtype)
     mx.eval(model.parameters())
     return model
@@ -137,15 +148,21 @@ def _mxfp4_scale(fan_in: int) -> int:
 
 
 def synth_weights(preset: str, dtype: mx.Dtype, seed: int = 0, progress: Progress | None = None,
-                  dense: bool = False) -> dict[str, mx.array]:
+                  dense: bool = False, shared_experts: bool = False) -> dict[str, mx.array]:
     """MLX weights of a preset (random, MXFP4 experts, dequantized to `dtype` when `dense`), one
-    tensor evaluated at a time, mapped to MLX's names and layout by the converter's own `map_tensors`."""
+    tensor evaluated at a time, mapped to MLX's names and layout by the converter's own `map_tensors`.
+    With `shared_experts`, every layer's experts are layer 0's arrays."""
     config = hf_config(preset)
     experts = {mx.bfloat16: "bfloat16", mx.float32: "float32"}[dtype] if dense else "mxfp4"
     total = len(tensor_plan(config))
     weights: dict[str, mx.array] = {}
     pending: dict[str, mx.array] = {}
     for done, (name, tensor) in enumerate(random_tensors(config, dtype, seed), start=1):
+        if shared_experts and ".mlp.experts." in name and not name.startswith("model.layers.0."):
+            layer = ".".join(name.split(".")[:3]) + "."  # model.layers.N.
+            weights |= {k.replace("model.layers.0.", layer, 1): v
+                        for k, v in weights.items() if k.startswith("model.layers.0.mlp.experts.")}
+            continue  # drawn lazily, never evaluated
         pending[name] = tensor
         mapped = map_tensors(pending, "mxfp4", experts, dtype)  # an expert waits for its bias
         mx.eval(mapped)

@@ -176,18 +176,16 @@ def bench_training(models: dict[str, nn.Module], shape: TrainShape, trials: int,
 
 
 def memory_breakdown(model: nn.Module, shape: TrainShape, seed: int = 0) -> dict[str, int]:
-    """Where relief's LoRA step puts its memory, each part measured alone (bytes):
+    """Where relief's LoRA step puts its memory besides the weights, each part measured alone (bytes):
 
-    weights (frozen arrays), lora_state (LoRA parameters, gradient, accumulated gradient and
-    AdamW's two moments: five copies), activations (the body's peak above what was held
-    before, with its LoRA gradients but no loss head: hidden states into a random probe), and
-    loss_head (the chunked head's peak on `tokens` trained rows, value and gradient). The model
-    carries the LoRA layers."""
+    lora_state (LoRA parameters, gradient, accumulated gradient and AdamW's two moments: five
+    copies), activations (the body's peak above what was held before, with its LoRA gradients
+    but no loss head: hidden states into a random probe), and loss_head (the chunked head's peak
+    on `tokens` trained rows, value and gradient). The model carries the LoRA layers."""
     from ..train.loss import chunked_cross_entropy, hidden_states
 
     tc = shape.train
     trainable = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
-    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters())) - trainable
     inputs = mx.array(_sequences(shape, seed))  # (B, seq)
     probe = mx.random.normal((*inputs.shape, model.args.hidden_size), key=mx.random.key(seed)).astype(
         model.lm_head.weight.dtype)
@@ -201,7 +199,7 @@ def memory_breakdown(model: nn.Module, shape: TrainShape, seed: int = 0) -> dict
 
     targets = inputs.reshape(-1)
     h = probe.reshape(-1, probe.shape[-1])
-    out = {"weights": weights, "lora_state": 5 * trainable}
+    out = {"lora_state": 5 * trainable}
     model.train()
     for name, run in (("activations", lambda: nn.value_and_grad(model, body)(model)),
                       ("loss_head", lambda: mx.value_and_grad(head)(h))):

@@ -115,5 +115,5 @@ def test_dense_preset_experts_are_the_mxfp4_ones_dequantized():
 def test_experts_option_is_for_presets_only(mini_mlx):
     with pytest.raises(ReliefError, match="--experts applies to --preset"):
         source.describe(str(mini_mlx), None, "dense")
-    with pytest.raises(ReliefError, match="choose mxfp4 or dense"):
+    with pytest.raises(ReliefError, match="choose one of mxfp4, dense"):
         source.describe(None, "mini", "int8")

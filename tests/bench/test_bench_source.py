@@ -23,3 +23,18 @@ def test_mlx_lm_model_is_mlx_lm_s_and_shares_every_array():
     np.testing.assert_allclose(theirs[:, 0], ours[:, 0], rtol=1e-5, atol=1e-5)  # position 0: RoPE is the identity
     # later positions differ by mlx-lm's rounded YaRN ramp: 6e-4 of the logit scale at 8 tokens (README)
     assert np.abs(theirs - ours).max() < 1e-2 * np.abs(ours).max()
+
+
+def test_shared_experts_are_one_set_of_arrays_in_memory():
+    src = source.describe(None, "mini", "dense-shared")
+    assert src.shared_experts and not src.mxfp4 and "experts shared by all layers" in src.label
+    mx.synchronize()
+    before = mx.get_active_memory()
+    model = source.build(src, mx.float32)
+    shared = model.layers[3].mlp.experts.down_proj.weight
+    assert np.array_equal(np.array(shared), np.array(model.layers[0].mlp.experts.down_proj.weight))
+    distinct = source.build(source.describe(None, "mini", "dense"), mx.float32)
+    expert_bytes = sum(v.nbytes for _, v in tree_flatten(distinct.layers[0].mlp.experts.parameters()))
+    held = mx.get_active_memory() - before
+    # the shared model holds 3 fewer layers of experts than the distinct one (and a few small buffers)
+    assert abs(held - (2 * sum(v.nbytes for _, v in tree_flatten(distinct.parameters())) - 3 * expert_bytes)) < 4096
