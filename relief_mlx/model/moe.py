@@ -56,13 +56,19 @@ def groups_by_expert(glu: SwitchGLU, pairs: int) -> bool:
     return pairs >= GROUP_MIN_PAIRS or bases[0].weight.dtype != mx.float32
 
 
+def _expert(a: mx.array, e: int) -> mx.array:
+    """a[e] as a view: MLX copies for an integer index (a 33 MB copy per expert matrix, which a
+    gradient then keeps alive), not for a slice."""
+    return a[e:e + 1].squeeze(0)
+
+
 def _project(layer: nn.Module, x: mx.array, e: int) -> mx.array:
     """Expert `e` of a (LoRA-wrapped) `SwitchLinear` applied to rows x (n, in) -> (n, out)."""
     if isinstance(layer, LoRASwitchLinear):  # as LoRASwitchLinear.__call__, for one expert
-        z = (layer.dropout(x) @ layer.lora_a[e].T) @ layer.lora_b[e].T  # (n, r) -> (n, out)
+        z = (layer.dropout(x) @ _expert(layer.lora_a, e).T) @ _expert(layer.lora_b, e).T  # (n, r) -> (n, out)
         return _project(layer.linear, x, e) + (layer.scale * z).astype(x.dtype)
-    y = x @ layer["weight"][e].T
-    return y + layer["bias"][e] if "bias" in layer else y
+    y = x @ _expert(layer["weight"], e).T
+    return y + _expert(layer["bias"], e) if "bias" in layer else y
 
 
 def grouped_glu(glu: SwitchGLU, x: mx.array, indices: mx.array) -> mx.array:
