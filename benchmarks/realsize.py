@@ -12,8 +12,10 @@ Each run is its own `relief bench` process (OpenBLAS preloaded, a fresh allocato
   speed-2l-shared  the same with every layer holding layer 0's experts: shows sharing times like
                    distinct experts (so 6l-shared stands for 6 real layers)
   speed-6l-shared  gpt-oss-20b-6l, experts shared (6 distinct float32 layers would need 24 GB)
-  memory-2l/-6l    bfloat16 with MXFP4 experts (the published storage; on the CPU the experts take
-                   the same gather path as on a GPU), relief's LoRA step memory, part by part
+  memory-2l/-6l    bfloat16, relief's LoRA step memory part by part; experts dense and shared (MLX's
+                   CPU MXFP4 matmul in bf16 takes ~80 s a projection: hours a step); the expert
+                   activations have the shapes of the GPU's gather path, and the 24-layer weights
+                   are counted exactly with MXFP4 experts (12.8 GiB)
   head             in this process: the work no layer does, alone (each runner's loss head; the
                    lm_head and argmax of one token)
 
@@ -49,7 +51,8 @@ from relief_mlx.io import write_json, write_text  # noqa: E402
 GIB = 2**30
 TARGET_GIB = 14.5
 SPEED = ["--compare", "mlx-lm", "--prompt-lengths", "128", "--gen-lengths", "32"]
-MEMORY = ["--dtype", "bfloat16", "--prompt-lengths", "16", "--gen-lengths", "1", "--trials", "1"]
+MEMORY = ["--dtype", "bfloat16", "--experts", "dense-shared", "--prompt-lengths", "16", "--gen-lengths", "1",
+          "--trials", "1"]
 RUNS = {
     "speed-2l": ["--preset", "gpt-oss-20b-2l", "--experts", "dense", *SPEED],
     "speed-2l-shared": ["--preset", "gpt-oss-20b-2l", "--experts", "dense-shared", *SPEED],

@@ -126,8 +126,8 @@ def train(recipe: Recipe, resume: str | Path | None = None, on_event: Event | No
             counts = np.zeros(4, np.float32)  # loss sum, trained tokens, tokens, stop flag
             model.train()
             rows = pack_rows(batches, lengths, recipe.data.max_length) if tc.pack else batches
+            build = packed_micro_batch if tc.pack else micro_batch
             for index in range(rank, len(rows), world):
-                build = packed_micro_batch if tc.pack else micro_batch
                 mb = build(splits.train, rows[index], recipe.data.max_length, tc.pad_multiple)
                 mx.random.seed(_micro_seed(tc.seed, progress.step, index))  # dropout
                 loss, grads = micro_step(grads, *_arrays(mb))
