@@ -182,7 +182,7 @@ def memory_breakdown(model: nn.Module, shape: TrainShape, seed: int = 0) -> dict
     copies), activations (the body's peak above what was held before, with its LoRA gradients
     but no loss head: hidden states into a random probe), and loss_head (the chunked head's peak
     on `tokens` trained rows, value and gradient). The model carries the LoRA layers."""
-    from ..train.loss import chunked_cross_entropy, hidden_states
+    from ..train.loss import chunked_cross_entropy, hidden_states, layerwise_value_and_grad
 
     tc = shape.train
     trainable = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
@@ -191,8 +191,11 @@ def memory_breakdown(model: nn.Module, shape: TrainShape, seed: int = 0) -> dict
         model.lm_head.weight.dtype)
     mx.eval(probe)
 
-    def body(model):
-        return (hidden_states(model, inputs, tc.grad_checkpoint) * probe).astype(mx.float32).sum()
+    def body():  # what the trainer's step does without the loss head
+        head = lambda h: (h * probe).astype(mx.float32).sum()  # noqa: E731
+        if tc.grad_checkpoint and not tc.compile:
+            return layerwise_value_and_grad(model, inputs, head)
+        return nn.value_and_grad(model, lambda m: head(hidden_states(m, inputs, tc.grad_checkpoint)))(model)
 
     def head(h):
         return chunked_cross_entropy(model.lm_head, h, targets, mx.ones(len(targets)), tc.loss_chunk or shape.tokens)
@@ -201,8 +204,7 @@ def memory_breakdown(model: nn.Module, shape: TrainShape, seed: int = 0) -> dict
     h = probe.reshape(-1, probe.shape[-1])
     out = {"lora_state": 5 * trainable}
     model.train()
-    for name, run in (("activations", lambda: nn.value_and_grad(model, body)(model)),
-                      ("loss_head", lambda: mx.value_and_grad(head)(h))):
+    for name, run in (("activations", body), ("loss_head", lambda: mx.value_and_grad(head)(h))):
         mx.synchronize()
         before = mx.get_active_memory()
         mx.reset_peak_memory()

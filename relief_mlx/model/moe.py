@@ -18,7 +18,7 @@ anything inside `mx.compile` (which cannot sync with the host): see `gather_only
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -44,6 +44,12 @@ def gather_only() -> Iterator[None]:
         _GATHER_ONLY = previous
 
 
+def _plan(indices: mx.array, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """(order, counts): the (token, expert) pairs in expert order, and each expert's count."""
+    chosen = np.array(indices.reshape(-1))  # (N*k,) on the host: the one sync
+    return np.argsort(chosen, kind="stable"), np.bincount(chosen, minlength=num_experts)
+
+
 def groups_by_expert(glu: SwitchGLU, pairs: int) -> bool:
     """Whether `glu` computes `pairs` (token, expert) products expert by expert here."""
     if _GATHER_ONLY or mx.default_device() != mx.cpu:
@@ -57,34 +63,43 @@ def groups_by_expert(glu: SwitchGLU, pairs: int) -> bool:
 
 
 def _expert(a: mx.array, e: int) -> mx.array:
-    """a[e] as a view: MLX copies for an integer index (a 33 MB copy per expert matrix, which a
-    gradient then keeps alive), not for a slice."""
+    """a[e] as a view of a frozen array: MLX copies for an integer index (a 33 MB copy per
+    expert matrix, which a gradient then keeps alive), not for a slice."""
     return a[e:e + 1].squeeze(0)
 
 
-def _project(layer: nn.Module, x: mx.array, e: int) -> mx.array:
-    """Expert `e` of a (LoRA-wrapped) `SwitchLinear` applied to rows x (n, in) -> (n, out)."""
+def _by_expert(a: mx.array, sizes: Sequence[int]) -> list[mx.array]:
+    """A differentiated array cut along axis 0 into pieces of `sizes`: `mx.split`, whose gradient
+    is one concatenation (a slice's gradient is a zero array of the whole input per piece: 32
+    of them per projection)."""
+    return mx.split(a, np.cumsum(sizes)[:-1].tolist()) if len(sizes) > 1 else [a]
+
+
+def _projection(layer: nn.Module) -> Callable[[mx.array, int], mx.array]:
+    """(rows x (n, in), expert e) -> (n, out): expert e of a (LoRA-wrapped) `SwitchLinear`."""
     if isinstance(layer, LoRASwitchLinear):  # as LoRASwitchLinear.__call__, for one expert
-        z = (layer.dropout(x) @ _expert(layer.lora_a, e).T) @ _expert(layer.lora_b, e).T  # (n, r) -> (n, out)
-        return _project(layer.linear, x, e) + (layer.scale * z).astype(x.dtype)
-    y = x @ _expert(layer["weight"], e).T
-    return y + _expert(layer["bias"], e) if "bias" in layer else y
+        base, ones = _projection(layer.linear), [1] * layer.num_experts
+        a, b = _by_expert(layer.lora_a, ones), _by_expert(layer.lora_b, ones)  # (1, r, in), (1, out, r)
+
+        def lora(x: mx.array, e: int) -> mx.array:
+            z = (layer.dropout(x) @ a[e].squeeze(0).T) @ b[e].squeeze(0).T  # (n, r) -> (n, out)
+            return base(x, e) + (layer.scale * z).astype(x.dtype)
+
+        return lora
+    weight, bias = layer["weight"], layer.get("bias")
+    return lambda x, e: x @ _expert(weight, e).T + (_expert(bias, e) if bias is not None else 0)
 
 
 def grouped_glu(glu: SwitchGLU, x: mx.array, indices: mx.array) -> mx.array:
     """`glu(x, indices)` with one GEMM per expert: x (..., D), indices (..., k) -> (..., k, D)."""
     *lead, k = indices.shape
-    chosen = np.array(indices.reshape(-1))  # (N*k,) on the host: the one sync
-    order = np.argsort(chosen, kind="stable")  # pair positions in expert order
-    counts = np.bincount(chosen, minlength=glu.gate_proj.num_experts)
+    order, counts = _plan(indices, glu.gate_proj.num_experts)  # pair positions in expert order
     rows = x.reshape(-1, x.shape[-1])[mx.array(order // k)]  # (N*k, D): each pair's token
-    outputs, start = [], 0
-    for e, n in enumerate(counts.tolist()):
-        if n:
-            xe = rows[start:start + n]  # (n, D)
-            h = glu.activation(_project(glu.up_proj, xe, e), _project(glu.gate_proj, xe, e))  # (n, I)
-            outputs.append(_project(glu.down_proj, h, e))  # (n, D)
-            start += n
+    up, gate, down = (_projection(p) for p in (glu.up_proj, glu.gate_proj, glu.down_proj))
+    outputs = []
+    for e, xe in enumerate(_by_expert(rows, counts)):  # xe (n_e, D)
+        if xe.shape[0]:
+            outputs.append(down(glu.activation(up(xe, e), gate(xe, e)), e))  # (n_e, I) -> (n_e, D)
     y = mx.concatenate(outputs)[mx.array(np.argsort(order))]  # (N*k, D) back in pair order
     return y.reshape(*lead, k, y.shape[-1])
 

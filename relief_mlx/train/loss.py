@@ -12,8 +12,11 @@ accumulated batch by its trained-token count once (torchtune's normalization).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
 
 from .pack import masks
@@ -30,6 +33,13 @@ def _checkpointed(layer: nn.Module, x: mx.array, mask) -> mx.array:
     return mx.checkpoint(run)(layer.trainable_parameters(), x)
 
 
+def _masks(x: mx.array, inner: nn.Module, segments: mx.array | None) -> tuple:
+    """(full-attention mask, sliding-window mask): the model's own, or those of packed rows."""
+    if segments is not None:
+        return masks(segments, inner.window_size)
+    return create_attention_mask(x, None), create_attention_mask(x, None, window_size=inner.window_size)
+
+
 def hidden_states(model: nn.Module, inputs: mx.array, checkpoint: bool = False,
                   segments: mx.array | None = None) -> mx.array:
     """Final-norm hidden states of mlx-lm's gpt-oss (`model.model(inputs)`), (B, T) -> (B, T, D).
@@ -41,11 +51,7 @@ def hidden_states(model: nn.Module, inputs: mx.array, checkpoint: bool = False,
     """
     inner = model.model
     x = inner.embed_tokens(inputs)
-    if segments is not None:
-        full, sliding = masks(segments, inner.window_size)
-    else:
-        full = create_attention_mask(x, None)
-        sliding = create_attention_mask(x, None, window_size=inner.window_size)
+    full, sliding = _masks(x, inner, segments)
     for layer, kind in zip(inner.layers, inner.layer_types, strict=True):
         mask = full if kind == "full_attention" else sliding
         x = _checkpointed(layer, x, mask) if checkpoint else layer(x, mask)
@@ -141,3 +147,65 @@ def plain_loss_sum(model: nn.Module, inputs: mx.array, targets_full: mx.array, m
     """The same sum with every logit materialized, as mlx-lm computes it (`train.loss_chunk = 0`)."""
     logits = model.lm_head(hidden_states(model, inputs, checkpoint, segments))  # (B, T, V)
     return (nn.losses.cross_entropy(logits.astype(mx.float32), targets_full) * mask_full).sum()
+
+
+def layerwise_value_and_grad(model: nn.Module, inputs: mx.array, head: Callable[[mx.array], mx.array],
+                             segments: mx.array | None = None) -> tuple[mx.array, dict]:
+    """(head(final-norm hidden states), gradient of the model's trainable parameters), with
+    every layer recomputed in the backward pass: gradient checkpointing written out, one layer
+    at a time.
+
+    The forward runs outside any gradient transform and keeps only each layer's input; the
+    backward is one `mx.vjp` per layer, last to first, each evaluated before the next. The
+    values equal `nn.value_and_grad` of the whole model (tested). It exists for the CPU's
+    grouped MoE path (`model.moe`), which reads the routing on the host: inside a transform of
+    the whole model, that read evaluates every earlier layer as traced arrays, which then keep
+    all their activations (2 real-width layers at 512 tokens: 2.5 GB instead of 0.6); here each
+    read lives in one layer's transform. Each layer draws from a seed of its own, in the
+    forward and again in its recomputation, so LoRA dropout masks agree. LoRA targets are layer
+    modules: every trainable parameter must live in a layer.
+    """
+    inner = model.model
+    params = model.trainable_parameters()
+    if any(not name.startswith("model.layers.") for name, _ in tree_flatten(params)):
+        raise ValueError("layerwise_value_and_grad needs every trainable parameter inside model.model.layers")
+    x = inner.embed_tokens(inputs)
+    full, sliding = _masks(x, inner, segments)
+    layer_masks = [full if kind == "full_attention" else sliding for kind in inner.layer_types]
+    seed = mx.random.randint(0, 2**31 - 1, ()).item()  # dropout: layer l draws from seed + l
+    saved = []
+    for i, (layer, mask) in enumerate(zip(inner.layers, layer_masks, strict=True)):
+        saved.append(x)
+        mx.random.seed(seed + i)
+        x = layer(x, mask)
+        mx.eval(x)
+    loss, cotangent = mx.value_and_grad(lambda h: head(inner.norm(h)))(x)  # (), (B, T, D)
+    mx.eval(loss, cotangent)
+    grads = [None] * len(inner.layers)
+    for i in reversed(range(len(inner.layers))):
+        layer, mask, x = inner.layers[i], layer_masks[i], saved[i]
+        weights = layer.trainable_parameters()
+
+        def pullback(weights, x, layer=layer, mask=mask, cotangent=cotangent):  # its gradient is the vjp
+            layer.update(weights)
+            return (layer(x, mask) * cotangent).sum()
+
+        mx.random.seed(seed + i)
+        if i:
+            grads[i], cotangent = mx.grad(pullback, argnums=(0, 1))(weights, x)
+        else:  # the embedding is frozen: no gradient into the first layer's input
+            grads[i] = mx.grad(pullback)(weights, x)
+        layer.update(weights)
+        mx.eval(grads[i], cotangent)
+    params["model"]["layers"] = grads
+    return loss, params
+
+
+def checkpointed_loss_and_grad(model: nn.Module, inputs: mx.array, positions: mx.array, targets: mx.array,
+                               weights: mx.array, chunk: int, segments: mx.array | None = None):
+    """`loss_sum` with gradient checkpointing and its gradient, layer by layer
+    (`layerwise_value_and_grad`): (summed loss, gradient tree of the trainable parameters)."""
+    d = model.args.hidden_size
+    return layerwise_value_and_grad(
+        model, inputs, lambda h: chunked_cross_entropy(model.lm_head, h.reshape(-1, d)[positions], targets,
+                                                       weights, chunk), segments)

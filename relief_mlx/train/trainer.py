@@ -37,7 +37,7 @@ from ..model.moe import gather_only
 from ..recipe import Recipe, load_recipe, to_toml
 from . import distributed, state
 from .data import MicroBatch, Splits, epoch_order, eval_order, load_splits, micro_batch
-from .loss import cross_entropy_value, hidden_states, loss_sum, plain_loss_sum
+from .loss import checkpointed_loss_and_grad, cross_entropy_value, hidden_states, loss_sum, plain_loss_sum
 from .pack import PackedBatch, pack_rows, packed_micro_batch
 from .schedule import learning_rate
 from .targets import apply_lora, count_trainable
@@ -241,9 +241,14 @@ def make_micro_step(model: nn.Module, tc) -> Callable:
         return plain_loss_sum(model, inputs, targets_full, mask_full, tc.grad_checkpoint, segments)
 
     value_and_grad = nn.value_and_grad(model, loss_fn)
+    layerwise = tc.grad_checkpoint and tc.loss_chunk and not tc.compile  # see loss.layerwise_value_and_grad
 
     def step(accumulated, *batch):
-        loss, grads = value_and_grad(model, *batch)
+        if layerwise:  # batch: inputs, positions, targets, weights, targets_full, mask_full[, segments]
+            segments = batch[6] if len(batch) > 6 else None
+            loss, grads = checkpointed_loss_and_grad(model, *batch[:4], tc.loss_chunk, segments)
+        else:
+            loss, grads = value_and_grad(model, *batch)
         return loss, tree_map(mx.add, accumulated, grads)
 
     if not tc.compile:
