@@ -12,9 +12,11 @@ machine cannot hold; `relief bench` prints it next to the measured peak). Its pa
   gpt-oss block keeps about `_LAYER_VALUES` values of the model's dtype (projections, rotated
   q/k, expert inputs and the three expert projections of each chosen expert) and two float32
   attention maps of `heads x tokens` (scores and probabilities).
-- loss_head: relief's chunked head holds about three (loss_chunk, vocab) arrays at a time and
-  the hidden states of the trained positions; with loss_chunk = 0, the full logits in the
-  model's dtype and float32 plus the softmax and its gradient.
+- loss_head: relief's chunked head: two chunks' (loss_chunk, vocab) arrays alive at once, each
+  the logits in float32, their shifted copy and exp (and in bf16 the logits and exp in bf16
+  too): 24 bytes a logit in float32, 32 in bf16 (measured at the real widths), plus the hidden
+  states of the trained positions; with loss_chunk = 0, the full logits in the model's dtype and
+  float32 plus the softmax and its gradient.
 
 `total` is the forecast peak of active memory. MLX also keeps freed buffers for reuse (its
 allocator cache: `allocator_cache`, not in the total), and releases them when an allocation
@@ -80,7 +82,8 @@ def train_forecast(config: dict, dtype_bytes: int, mxfp4: bool, shape: StepShape
     saved_inputs = n * shape.tokens * d * dtype_bytes
     activations = saved_inputs + 2 * layer if shape.grad_checkpoint else n * layer
     if shape.loss_chunk:
-        head = min(shape.loss_chunk, shape.trained) * v * (8 + dtype_bytes) + shape.trained * d * dtype_bytes
+        per_logit = 2 * (12 + (2 * dtype_bytes if dtype_bytes < 4 else 0))  # two chunks alive
+        head = min(shape.loss_chunk, shape.trained) * v * per_logit + shape.trained * d * dtype_bytes
     else:
         head = shape.tokens * v * (dtype_bytes + 12)
     parts = {

@@ -182,7 +182,7 @@ def memory_breakdown(model: nn.Module, shape: TrainShape, seed: int = 0) -> dict
     copies), activations (the body's peak above what was held before, with its LoRA gradients
     but no loss head: hidden states into a random probe), and loss_head (the chunked head's peak
     on `tokens` trained rows, value and gradient). The model carries the LoRA layers."""
-    from ..train.loss import chunked_cross_entropy, hidden_states, layerwise_value_and_grad
+    from ..train.loss import chunked_cross_entropy, chunked_value_and_grad, hidden_states, layerwise_value_and_grad
 
     tc = shape.train
     trainable = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
@@ -192,19 +192,21 @@ def memory_breakdown(model: nn.Module, shape: TrainShape, seed: int = 0) -> dict
     mx.eval(probe)
 
     def body():  # what the trainer's step does without the loss head
-        head = lambda h: (h * probe).astype(mx.float32).sum()  # noqa: E731
-        if tc.grad_checkpoint and not tc.compile:
-            return layerwise_value_and_grad(model, inputs, head)
-        return nn.value_and_grad(model, lambda m: head(hidden_states(m, inputs, tc.grad_checkpoint)))(model)
+        loss = lambda h: (h * probe).astype(mx.float32).sum()  # noqa: E731
+        if tc.grad_checkpoint and tc.loss_chunk and not tc.compile:
+            return layerwise_value_and_grad(model, inputs, mx.value_and_grad(loss))
+        return nn.value_and_grad(model, lambda m: loss(hidden_states(m, inputs, tc.grad_checkpoint)))(model)
 
-    def head(h):
-        return chunked_cross_entropy(model.lm_head, h, targets, mx.ones(len(targets)), tc.loss_chunk or shape.tokens)
+    def head():  # as the trainer's step computes it
+        h, targets = probe.reshape(-1, probe.shape[-1]), inputs.reshape(-1)
+        weights, chunk = mx.ones(len(targets)), tc.loss_chunk or shape.tokens
+        if tc.grad_checkpoint and tc.loss_chunk and not tc.compile:
+            return chunked_value_and_grad(model.lm_head, h, targets, weights, chunk)
+        return mx.value_and_grad(lambda h: chunked_cross_entropy(model.lm_head, h, targets, weights, chunk))(h)
 
-    targets = inputs.reshape(-1)
-    h = probe.reshape(-1, probe.shape[-1])
     out = {"lora_state": 5 * trainable}
     model.train()
-    for name, run in (("activations", body), ("loss_head", lambda: mx.value_and_grad(head)(h))):
+    for name, run in (("activations", body), ("loss_head", head)):
         mx.synchronize()
         before = mx.get_active_memory()
         mx.reset_peak_memory()

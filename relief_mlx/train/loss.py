@@ -149,21 +149,22 @@ def plain_loss_sum(model: nn.Module, inputs: mx.array, targets_full: mx.array, m
     return (nn.losses.cross_entropy(logits.astype(mx.float32), targets_full) * mask_full).sum()
 
 
-def layerwise_value_and_grad(model: nn.Module, inputs: mx.array, head: Callable[[mx.array], mx.array],
+def layerwise_value_and_grad(model: nn.Module, inputs: mx.array,
+                             head: Callable[[mx.array], tuple[mx.array, mx.array]],
                              segments: mx.array | None = None) -> tuple[mx.array, dict]:
-    """(head(final-norm hidden states), gradient of the model's trainable parameters), with
-    every layer recomputed in the backward pass: gradient checkpointing written out, one layer
-    at a time.
+    """(loss, gradient of the model's trainable parameters), with every layer recomputed in the
+    backward pass: gradient checkpointing written out, one layer at a time. `head` takes the
+    final-norm hidden states (B, T, D) and returns (loss, its gradient with respect to them).
 
     The forward runs outside any gradient transform and keeps only each layer's input; the
-    backward is one `mx.vjp` per layer, last to first, each evaluated before the next. The
-    values equal `nn.value_and_grad` of the whole model (tested). It exists for the CPU's
-    grouped MoE path (`model.moe`), which reads the routing on the host: inside a transform of
-    the whole model, that read evaluates every earlier layer as traced arrays, which then keep
-    all their activations (2 real-width layers at 512 tokens: 2.5 GB instead of 0.6); here each
-    read lives in one layer's transform. Each layer draws from a seed of its own, in the
-    forward and again in its recomputation, so LoRA dropout masks agree. LoRA targets are layer
-    modules: every trainable parameter must live in a layer.
+    backward is one gradient transform per layer, last to first, each evaluated before the
+    next. The values equal `nn.value_and_grad` of the whole model (tested). Why not one
+    transform with `mx.checkpoint`: arrays computed inside a transform keep their buffers until
+    it is evaluated as a whole, so a host read in the middle (the CPU's grouped MoE path reads
+    its routing) kept every earlier layer's activations (2 real-width layers at 512 tokens:
+    2.7 GB instead of 0.6), and the loss head's chunks all stayed alive. Each layer draws from a
+    seed of its own, in the forward and again in its recomputation, so LoRA dropout masks
+    agree. LoRA targets are layer modules: every trainable parameter must live in a layer.
     """
     inner = model.model
     params = model.trainable_parameters()
@@ -179,7 +180,10 @@ def layerwise_value_and_grad(model: nn.Module, inputs: mx.array, head: Callable[
         mx.random.seed(seed + i)
         x = layer(x, mask)
         mx.eval(x)
-    loss, cotangent = mx.value_and_grad(lambda h: head(inner.norm(h)))(x)  # (), (B, T, D)
+    hidden = inner.norm(x)
+    mx.eval(hidden)
+    loss, d_hidden = head(hidden)  # (), (B, T, D)
+    _, (cotangent,) = mx.vjp(inner.norm, [x], [d_hidden])
     mx.eval(loss, cotangent)
     grads = [None] * len(inner.layers)
     for i in reversed(range(len(inner.layers))):
@@ -201,11 +205,27 @@ def layerwise_value_and_grad(model: nn.Module, inputs: mx.array, head: Callable[
     return loss, params
 
 
+def chunked_value_and_grad(head: nn.Module, h: mx.array, targets: mx.array, weights: mx.array,
+                           chunk: int) -> tuple[mx.array, mx.array]:
+    """`chunked_cross_entropy` and its gradient with respect to h (K, D), each chunk evaluated
+    before the next (outside a whole-model transform only one chunk's logits are ever alive)."""
+    total, grads = mx.array(0.0, mx.float32), []
+    one = mx.value_and_grad(lambda h, t, w: chunked_cross_entropy(head, h, t, w, chunk))
+    for start in range(0, h.shape[0], chunk):
+        loss, grad = one(h[start:start + chunk], targets[start:start + chunk], weights[start:start + chunk])
+        mx.eval(loss, grad)
+        total, grads = total + loss, grads + [grad]
+    return total, mx.concatenate(grads)
+
+
 def checkpointed_loss_and_grad(model: nn.Module, inputs: mx.array, positions: mx.array, targets: mx.array,
                                weights: mx.array, chunk: int, segments: mx.array | None = None):
     """`loss_sum` with gradient checkpointing and its gradient, layer by layer
     (`layerwise_value_and_grad`): (summed loss, gradient tree of the trainable parameters)."""
-    d = model.args.hidden_size
-    return layerwise_value_and_grad(
-        model, inputs, lambda h: chunked_cross_entropy(model.lm_head, h.reshape(-1, d)[positions], targets,
-                                                       weights, chunk), segments)
+
+    def head(hidden):  # (B, T, D) -> loss, d loss / d hidden
+        rows = hidden.reshape(-1, hidden.shape[-1])  # (B*T, D)
+        loss, grad = chunked_value_and_grad(model.lm_head, rows[positions], targets, weights, chunk)  # (K, D)
+        return loss, mx.zeros_like(rows).at[positions].add(grad).reshape(hidden.shape)
+
+    return layerwise_value_and_grad(model, inputs, head, segments)
