@@ -5,7 +5,9 @@ runs) against `generate_tokens` one prompt after another, same model, same promp
     python benchmarks/batch.py --preset gpt-oss-20b-2l --new-tokens 32
 
 8 random prompts of 60-200 tokens, `--new-tokens` each (no stop token: every row runs to the end);
-total generated tokens over wall time, prefill included, best of `--repeats` alternated runs.
+total generated tokens over wall time, prefill included: the median (min-max) of `--repeats` (3 or
+more) alternated runs, and each speed-up the median (min-max) of the repeats' ratios to the
+sequential run just before.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from relief_mlx.bench import source  # noqa: E402
+from relief_mlx.bench.stats import paired_ratio, summarize  # noqa: E402
 from relief_mlx.doctor import backend  # noqa: E402
 from relief_mlx.generate.loop import generate_batch, generate_tokens  # noqa: E402
 from relief_mlx.io import write_json  # noqa: E402
@@ -38,9 +41,11 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batch-sizes", default="4,8")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="alternated runs (median and min-max; at least 3)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if args.repeats < 3:
+        parser.error(f"--repeats {args.repeats}: a median needs 3 runs or more")
     sizes = [int(b) for b in args.batch_sizes.split(",")]
 
     model = source.build(source.describe(None, args.preset), default_dtype())
@@ -63,14 +68,16 @@ def main() -> None:
             tokens = fn()
             runs[name].append(tokens / (time.perf_counter() - tic))
             print(f"repeat {repeat + 1}: {name:<10} {runs[name][-1]:7.1f} tokens/s ({tokens} tokens)", flush=True)
-    best = {name: max(v) for name, v in runs.items()}
-    for name, v in best.items():
-        print(f"{name:<10} best {v:7.1f} tokens/s  {v / best['sequential']:.2f}x sequential")
+    speed = {name: summarize(v) for name, v in runs.items()}
+    speedup = {name: paired_ratio(s, speed["sequential"]) for name, s in speed.items()}
+    for name, s in speed.items():
+        x = speedup[name]
+        print(f"{name:<10} {s['median']:7.1f} ({s['min']:.1f}-{s['max']:.1f}) tokens/s  "
+              f"{x['median']:.2f}x ({x['min']:.2f}-{x['max']:.2f}) sequential")
     out = args.out or ROOT / "benchmarks" / "results" / f"batch-{args.preset}-{backend(mx)}.json"
     write_json(out, {"preset": args.preset, "backend": backend(mx), "dtype": str(default_dtype()),
                      "prompt_lengths": [len(p) for p in prompts], "new_tokens": args.new_tokens,
-                     "tokens_per_s": runs, "best": best,
-                     "speedup": {k: v / best["sequential"] for k, v in best.items()}})
+                     "tokens_per_s": speed, "speedup": speedup})
     print(f"results -> {out}")
 
 

@@ -95,7 +95,7 @@ def worker(trials: int) -> dict[str, Any]:
             mx.eval(fn())
             seconds[name].append(time.perf_counter() - start)
         flops[name] = flop
-        print(f"  {name}: {flop / min(seconds[name]) / 1e9:.1f} GFLOP/s (best)",
+        print(f"  {name}: {flop / statistics.median(seconds[name]) / 1e9:.1f} GFLOP/s (median)",
               file=sys.stderr, flush=True)
     return {"blas": blas.blas_info(), "flops": flops, "seconds": seconds}
 

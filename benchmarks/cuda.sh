@@ -2,7 +2,8 @@
 # The GPU figures in benchmarks/results/*-cuda.*: on one NVIDIA GPU (MLX's CUDA backend,
 # `pip install -e '.[cuda]'`), in this order:
 #   1. relief bench --preset gpt-oss-20b --compare mlx-lm   (real-size weights synthesized in memory),
-#      with the experts in MXFP4 as published, then dequantized to bf16 (--experts dense)
+#      with the experts in MXFP4 as published, then dequantized to bf16 (--experts bfloat16), each
+#      3 times in its own process, pooled by benchmarks/bench.py (medians and min-max of all trials)
 #   2. a short LoRA run through `relief train` with the seed replica's recipe on a synthesized
 #      gpt-oss-20b-2l checkpoint (real widths, 2 of 24 layers), written and converted on disk
 #   3. `relief generate` with and without the adapter that run wrote
@@ -21,11 +22,10 @@ export PYTHONUNBUFFERED=1
 python3 -c 'import mlx.core as mx; print("mlx", mx.__version__, mx.default_device(), dict(mx.device_info()))'
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null
 
-relief bench --preset "$bench_preset" --compare mlx-lm --trials "$trials" --bandwidth-mib 4096 \
-    --out "$out/bench-$bench_preset-cuda.json"
+python3 benchmarks/bench.py --preset "$bench_preset" --out-dir "$out" -- --trials "$trials" --bandwidth-mib 4096
 echo "bench exit $?"
-relief bench --preset "$bench_preset" --experts dense --compare mlx-lm --trials "$trials" --prompt-lengths 512,2048 \
-    --gen-lengths 128 --bandwidth-mib 4096 --out "$out/bench-$bench_preset-dense-cuda.json"
+python3 benchmarks/bench.py --preset "$bench_preset" --tag dense --out-dir "$out" -- --experts bfloat16 \
+    --trials "$trials" --prompt-lengths 512,2048 --gen-lengths 128 --bandwidth-mib 4096
 echo "bench (dense experts) exit $?"
 
 relief synth --preset "$train_preset" --out "$work/hf" && relief convert "$work/hf" --out "$work/mlx"

@@ -58,7 +58,8 @@ def main() -> None:
     order = epoch_order(lengths, tc.batch_size, tc.seed, 0)
     steps = [order[i * tc.grad_accumulation:(i + 1) * tc.grad_accumulation] for i in range(args.steps)]
 
-    model = source.build(source.describe(None, args.preset, "dense-shared"), default_dtype())
+    dtype = str(default_dtype()).removeprefix("mlx.core.")
+    model = source.build(source.describe(None, args.preset, dtype, shared_experts=True), default_dtype())
     mx.random.seed(tc.seed)
     apply_lora(model, recipe.lora)
     model.train()
@@ -94,7 +95,7 @@ def main() -> None:
               f"tok/s, packed {p['micro_batches']} rows {tokens / p['s']:.1f} tok/s; "
               f"loss {u['loss']:.4f} / {p['loss']:.4f}", flush=True)
     ratios = [r["unpacked"]["s"] / r["packed"]["s"] for r in rows]
-    result = {"recipe": args.recipe, "preset": args.preset, "experts": "dense-shared", "steps": rows,
+    result = {"recipe": args.recipe, "preset": args.preset, "experts": f"{dtype}, shared by every layer", "steps": rows,
               "speedup": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}}
     out = args.out or ROOT / "benchmarks" / "results" / f"pack-{backend(mx)}.json"
     write_json(out, result)

@@ -7,7 +7,7 @@
 Each run is its own `relief bench` process (OpenBLAS preloaded, a fresh allocator), writing
 `realsize-BACKEND-RUN.json` into --out-dir:
 
-  speed-2l         gpt-oss-20b-2l, dense experts in the backend's dtype, relief vs mlx-lm: prefill
+  speed-2l         gpt-oss-20b-2l, dense float32 experts, relief vs mlx-lm: prefill
                    128 tokens, decode 32, the seed replica's LoRA step (r8 q/v, 1 x 512, checkpointing)
   speed-2l-shared  the same with every layer holding layer 0's experts: shows sharing times like
                    distinct experts (so 6l-shared stands for 6 real layers)
@@ -50,13 +50,14 @@ from relief_mlx.io import write_json, write_text  # noqa: E402
 
 GIB = 2**30
 TARGET_GIB = 14.5
+DENSE = ["--dtype", "float32", "--experts", "float32"]
 SPEED = ["--compare", "mlx-lm", "--prompt-lengths", "128", "--gen-lengths", "32"]
-MEMORY = ["--dtype", "bfloat16", "--experts", "dense-shared", "--prompt-lengths", "16", "--gen-lengths", "1",
-          "--trials", "1"]
+MEMORY = ["--dtype", "bfloat16", "--experts", "bfloat16", "--shared-experts",
+          "--prompt-lengths", "16", "--gen-lengths", "1", "--trials", "1"]
 RUNS = {
-    "speed-2l": ["--preset", "gpt-oss-20b-2l", "--experts", "dense", *SPEED],
-    "speed-2l-shared": ["--preset", "gpt-oss-20b-2l", "--experts", "dense-shared", *SPEED],
-    "speed-6l-shared": ["--preset", "gpt-oss-20b-6l", "--experts", "dense-shared", *SPEED],
+    "speed-2l": ["--preset", "gpt-oss-20b-2l", *DENSE, *SPEED],
+    "speed-2l-shared": ["--preset", "gpt-oss-20b-2l", *DENSE, "--shared-experts", *SPEED],
+    "speed-6l-shared": ["--preset", "gpt-oss-20b-6l", *DENSE, "--shared-experts", *SPEED],
     "memory-2l": ["--preset", "gpt-oss-20b-2l", *MEMORY],
     "memory-6l": ["--preset", "gpt-oss-20b-6l", *MEMORY],
 }

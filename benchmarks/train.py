@@ -23,7 +23,11 @@ step (allocation, JIT) is left out of the timing, and tokens/s counts every real
 - --ablations adds relief runs that switch one thing back to find where the difference comes
   from: the full-logit loss (loss_chunk 0, as mlx-lm computes it) and mx.compile.
 
-Writes benchmarks/results/train-<backend>.json and prints a Markdown table.
+Every trainer runs --repeats times (3 or more), the trainers alternating round by round so that a
+busy moment on a shared machine hits all of them; each figure is the median (min-max) of its
+runs, and each "relief is" ratio the median (min-max) of the rounds' ratios (relief's run of
+round r over the other's run of round r). Writes benchmarks/results/train-<backend>.json and
+prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .`
 
 LORA = {"targets": ["self_attn.q_proj", "self_attn.v_proj"], "rank": 8, "alpha": 16.0}
+MIN_REPEATS = 3  # a README figure is the median of 3 runs or more, with its spread
 
 
 # ---------------------------------------------------------------- the shared examples
@@ -222,23 +227,37 @@ def importable(*modules: str) -> bool:
 
 
 def combine(results: list[dict]) -> dict:
-    """Repeats of one trainer: its fastest run (the one a shared machine disturbed least), with
-    every run's figure beside it."""
-    best = max(results, key=lambda r: r["tokens_per_s"])
-    return {**best, "tokens_per_s_runs": [r["tokens_per_s"] for r in results],
-            "peak_rss_gb_runs": [r["peak_rss_gb"] for r in results]}
+    """Repeats of one trainer: every figure as the median (min-max) of the runs, each run kept."""
+    from relief_mlx.bench.stats import summarize
+
+    figures = ("tokens_per_s", "peak_memory_gb", "peak_rss_gb", "final_loss", "first_step_s")
+    out = {k: summarize([r[k] for r in results]) for k in figures if results[0][k] is not None}
+    return out | {"runs": results}
+
+
+def paired(ours: dict, theirs: dict, key: str) -> dict:
+    """ours / theirs, round by round (round r of both ran back to back), as median (min-max)."""
+    from relief_mlx.bench.stats import paired_ratio
+
+    return paired_ratio(ours[key], theirs[key])
+
+
+def _cell(s: dict | None, fmt: str) -> str:
+    if s is None:
+        return "n/a"
+    return f"{s['median']:{fmt}} ({s['min']:{fmt}}-{s['max']:{fmt}})"
 
 
 def table(runs: dict[str, dict], reference: str) -> str:
-    ref = runs[reference]["tokens_per_s"]
-    lines = ["| trainer | tokens/s (best run) | every run | peak MLX memory (GB) | peak RSS (GB) | relief is |",
-             "|---|---:|---|---:|---:|---:|"]
+    n = len(runs[reference]["runs"])
+    lines = ["| trainer | tokens/s | peak MLX memory (GB) | peak RSS (GB) | relief/this, tokens/s |",
+             "|---|---:|---:|---:|---:|"]
     for name, r in runs.items():
-        mem = f"{r['peak_memory_gb']:.2f}" if r["peak_memory_gb"] is not None else "n/a"
-        every = ", ".join(f"{t:.0f}" for t in r["tokens_per_s_runs"])
-        lines.append(f"| {name} | {r['tokens_per_s']:.1f} | {every} | {mem} | {r['peak_rss_gb']:.2f} | "
-                     f"{ref / r['tokens_per_s']:.2f}x |")
-    return "\n".join(lines)
+        x = paired(runs[reference], r, "tokens_per_s")
+        ratio = "" if name == reference else f"{x['median']:.2f}x ({x['min']:.2f}-{x['max']:.2f})"
+        lines.append(f"| {name} | {_cell(r['tokens_per_s'], '.1f')} | {_cell(r.get('peak_memory_gb'), '.2f')} | "
+                     f"{_cell(r['peak_rss_gb'], '.2f')} | {ratio} |")
+    return "\n".join(lines + ["", f"median (min-max) of {n} runs per trainer, alternated round by round"])
 
 
 def main() -> None:
@@ -249,7 +268,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="measured optimizer steps (after 1 warm-up step)")
     parser.add_argument("--accumulation", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds of every trainer (best kept)")
+    parser.add_argument("--repeats", type=int, default=MIN_REPEATS,
+                        help=f"alternating rounds of every trainer (median and min-max; at least {MIN_REPEATS})")
     parser.add_argument("--grad-checkpoint", action="store_true", help="gradient checkpointing in every trainer")
     parser.add_argument("--ablations", action="store_true", help="also run the relief ablations")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/train-<backend>.json")
@@ -260,6 +280,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(RUNNERS[args.child](json.loads(args.spec))))
         return
+    if args.repeats < MIN_REPEATS:
+        parser.error(f"--repeats {args.repeats}: a median needs {MIN_REPEATS} runs or more")
 
     from relief_mlx.blas import ensure_fast_blas
 
@@ -281,9 +303,9 @@ def main() -> None:
             results[name].append(child(f"{name} #{round_ + 1}", runner, s))
     runs = {name: combine(r) for name, r in results.items()}
     ours = runs["relief"]
-    ratios = {f"relief / {name} tokens/s": ours["tokens_per_s"] / r["tokens_per_s"]
+    ratios = {f"relief / {name} tokens/s": paired(ours, r, "tokens_per_s")
               for name, r in runs.items() if name != "relief"}
-    ratios["relief / mlx-lm peak MLX memory"] = ours["peak_memory_gb"] / runs["mlx-lm"]["peak_memory_gb"]
+    ratios["relief / mlx-lm peak MLX memory"] = paired(ours, runs["mlx-lm"], "peak_memory_gb")
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -299,7 +321,7 @@ def main() -> None:
     out = args.out or ROOT / "benchmarks" / "results" / f"train-{backend}.json"
     write_json(out, result)
     print(table(runs, "relief"))
-    print("\n".join(f"{k}: {v:.2f}" for k, v in ratios.items()))
+    print("\n".join(f"{k}: {_cell(v, '.2f')}" for k, v in ratios.items()))
     print(f"results -> {out}")
 
 

@@ -1,4 +1,12 @@
-"""The `relief` command: each subcommand parses options, calls one library function, prints."""
+"""The `relief` command: each subcommand parses options, calls one library function, prints.
+
+Options mean one thing across commands: `--out` is what the command writes, a folder, except where
+the output is one file (`bench --out r.json`, the chart beside it; `generate --answers` names its
+JSONL for what it holds); `--model` is a
+converted model, `--tokenizer` a folder holding tokenizer.json; `--preset`, `--experts`,
+`--dtype`, `--mask` and `--reasoning` offer the same choices everywhere (`relief_mlx.choices`);
+`--recipe` is a recipe file or a bundled recipe's name.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +14,12 @@ import sys
 
 import click
 
+from .checkpoint.presets import PRESETS
+from .choices import DTYPES, EXPERT_FORMATS, MASK_MODES, REASONING_EFFORTS
 from .errors import ReliefError
+
+# Commands that finish in seconds whatever the BLAS; every other one gets the slow-BLAS notice.
+_QUICK = ("doctor", "inspect", "data", "synth", "convert")
 
 
 class _Group(click.Group):
@@ -22,8 +35,20 @@ class _Group(click.Group):
 
 @click.group(cls=_Group)
 @click.version_option(package_name="relief-mlx")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """Fine-tune gpt-oss into an emergency-relief assistant with MLX, and run it."""
+    if ctx.invoked_subcommand not in _QUICK and (line := _slow_blas_notice()):
+        click.echo(line, err=True)
+
+
+def _slow_blas_notice() -> str | None:
+    import os
+
+    from . import blas
+
+    return blas.slow_blas_notice(os.environ, system=sys.platform, reference_blas=blas.mlx_uses_reference_blas,
+                                 candidates=blas.candidate_paths())
 
 
 def main() -> None:
@@ -64,8 +89,8 @@ def _progress(label: str):
 
 
 @cli.command()
-@click.option("--preset", default="mini", show_default=True,
-              help="mini, gpt-oss-20b-2l, gpt-oss-20b-6l or gpt-oss-20b.")
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="mini", show_default=True,
+              help="Shapes of the checkpoint (`relief inspect PRESET` describes one).")
 @click.option("--out", required=True, type=click.Path(), help="Folder to write (must not exist or be empty).")
 @click.option("--seed", default=0, show_default=True, help="Random seed for the weights.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out once the new folder is complete.")
@@ -80,10 +105,10 @@ def synth(preset: str, out: str, seed: int, overwrite: bool) -> None:
 @click.argument("src")
 @click.option("--out", required=True, type=click.Path(), help="Folder to write (must not exist or be empty).")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when SRC is a Hub id.")
-@click.option("--experts", type=click.Choice(["auto", "mxfp4", "bfloat16", "float32"]), default="auto",
+@click.option("--experts", type=click.Choice(EXPERT_FORMATS), default="auto",
               show_default=True, help="Expert weights: keep MXFP4 (auto for MXFP4 sources), or dequantize; "
               "float32 is what MLX's CPU gather_mm needs.")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True,
+@click.option("--dtype", type=click.Choice(DTYPES), default="bfloat16", show_default=True,
               help="dtype of every non-expert weight.")
 @click.option("--verify", is_flag=True, help="Compare the converted model's logits with a float reference from SRC.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out once the new folder is complete.")
@@ -98,8 +123,10 @@ def convert(src: str, out: str, revision: str | None, experts: str, dtype: str, 
         r = conv.verify(src, path)
         click.echo(f"verify: {r['layers']} layers x {r['tokens']} tokens, max relative logit error "
                    f"{r['max_relative_error']:.2e}, argmax agreement {r['argmax_agreement']:.1%}")
-        if r["max_relative_error"] > 1e-3 and dtype != "float16":
-            raise ReliefError(f"verification failed: {out} differs from {src}; report this with the manifest")
+        if not r["ok"]:
+            raise ReliefError(f"verification failed: the logits of {path} differ from a reference built from {src} "
+                              f"by {r['max_relative_error']:.2e} (relative; tolerance {r['tolerance']:.0e}), so the "
+                              f"conversion is wrong: report it with {path / conv.MANIFEST}")
 
 
 @cli.command()
@@ -145,58 +172,70 @@ def data() -> None:
 _TOKENIZER_HELP = "Folder with tokenizer.json (e.g. a converted model); default: o200k_harmony."
 
 
-def _data_defaults():
-    """The recipe's data defaults, so that a check sees what training would see."""
-    from .recipe import DataSection
+def _data_options(f):
+    """What `data check` and `data show` share: the recipe's data settings, each overridable."""
+    options = [
+        click.argument("path", required=False),
+        click.option("--recipe", help="Take data.path, max_length, mask, reasoning_effort, current_date and "
+                                      "skip_invalid from this recipe (file or bundled name), as training would."),
+        click.option("--max-length", type=click.IntRange(min=2),
+                     help="Token budget per example [default: the recipe's, else 512]."),
+        click.option("--mask", type=click.Choice(MASK_MODES),
+                     help="Which tokens are trained, as the recipe's data.mask [default: the recipe's, else final]."),
+        click.option("--tokenizer", type=click.Path(), help=_TOKENIZER_HELP),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
 
-    return DataSection()
 
+def _data_section(path: str | None, recipe: str | None, max_length: int | None, mask: str | None):
+    """The recipe's [data] section (or its defaults), PATH and the options given over it."""
+    import dataclasses
 
-def _render_options():
-    from .data.harmony import RenderOptions
+    from .recipe import DataSection, load_recipe
 
-    d = _data_defaults()
-    return RenderOptions(reasoning_effort=d.reasoning_effort, current_date=d.current_date)
+    data = load_recipe(recipe).data if recipe else DataSection()
+    if path is None and recipe is None:
+        raise ReliefError("pass a dataset PATH (file, folder, bundled name or Hub id) or --recipe FILE")
+    changes = {"path": path, "max_length": max_length, "mask": mask}
+    return dataclasses.replace(data, **{k: v for k, v in changes.items() if v is not None})
 
 
 @data.command("check")
-@click.argument("path")
-@click.option("--max-length", type=int, help="Token budget per example [default: the recipe's].")
-@click.option("--tokenizer", "--model", "tokenizer", type=click.Path(), help=_TOKENIZER_HELP)
-@click.option("--skip-invalid", is_flag=True, help="Skip bad lines and count them.")
-@click.option("--mask-mode", type=click.Choice(["final", "last", "final+analysis", "all"]),
-              default="final", show_default=True, help="Which tokens are trained.")
+@_data_options
+@click.option("--skip-invalid", is_flag=True, help="Skip bad lines and count them [default: the recipe's].")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_context
-def data_check(ctx: click.Context, path: str, max_length: int | None, tokenizer: str | None,
-               skip_invalid: bool, mask_mode: str, as_json: bool) -> None:
-    """Validate PATH, count splits and categories, and look for duplicates and leakage."""
+def data_check(ctx: click.Context, path: str | None, recipe: str | None, max_length: int | None, mask: str | None,
+               tokenizer: str | None, skip_invalid: bool, as_json: bool) -> None:
+    """Validate PATH (scoring fields too), count splits and categories, and look for duplicates,
+    scenario leakage between splits and reading-history phrases in answers."""
     import json
 
     from .data.check import check_dataset
+    from .data.harmony import RenderOptions
 
-    max_length = _data_defaults().max_length if max_length is None else max_length
-    report = check_dataset(path, max_length, tokenizer, skip_invalid, mask_mode, _render_options())
+    d = _data_section(path, recipe, max_length, mask)
+    report = check_dataset(d.path, d.max_length, tokenizer, skip_invalid or d.skip_invalid, d.mask,
+                           RenderOptions.of(d))
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else "\n".join(report.lines()))
     if not report.ok:
         ctx.exit(1)
 
 
 @data.command("show")
-@click.argument("path")
+@_data_options
 @click.option("--index", required=True, type=int, help="Example number in the split, from 0.")
 @click.option("--split", default=None, help="Split to read (default: train, else the first).")
-@click.option("--max-length", type=int, help="Token budget per example [default: the recipe's].")
-@click.option("--tokenizer", "--model", "tokenizer", type=click.Path(), help=_TOKENIZER_HELP)
-@click.option("--mask-mode", type=click.Choice(["final", "last", "final+analysis", "all"]),
-              default="final", show_default=True, help="Which tokens are trained.")
-def data_show(path: str, index: int, split: str | None, max_length: int | None,
-              tokenizer: str | None, mask_mode: str) -> None:
+def data_show(path: str | None, recipe: str | None, max_length: int | None, mask: str | None,
+              tokenizer: str | None, index: int, split: str | None) -> None:
     """Print one example as rendered for training, trained text marked."""
     from .data.check import show_example
+    from .data.harmony import RenderOptions
 
-    max_length = _data_defaults().max_length if max_length is None else max_length
-    report = show_example(path, index, split, max_length, tokenizer, mask_mode, _render_options())
+    d = _data_section(path, recipe, max_length, mask)
+    report = show_example(d.path, index, split, d.max_length, tokenizer, d.mask, RenderOptions.of(d))
     click.echo("\n".join(report.lines()))
 # --- end data -------------------------------------------------------------------------------
 
@@ -211,7 +250,7 @@ def _generation_options(f):
         click.option("--system", help="Instructions, rendered as the developer message."),
         click.option("--max-tokens", default=1024, show_default=True,
                      help="Most tokens to generate, reasoning included."),
-        click.option("--reasoning", type=click.Choice(["low", "medium", "high"]), default="medium", show_default=True,
+        click.option("--reasoning", type=click.Choice(REASONING_EFFORTS), default="medium", show_default=True,
                      help="Reasoning effort in the system message."),
         click.option("--temperature", default=0.0, show_default=True, help="0 is greedy."),
         click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass; 1 is off."),
@@ -220,7 +259,7 @@ def _generation_options(f):
                      help="Drop tokens below min-p x the top probability; 0 is off."),
         click.option("--repetition-penalty", default=1.0, show_default=True, help="1 is off."),
         click.option("--repetition-context", default=64, show_default=True, help="Tokens the penalty looks back on."),
-        click.option("--seed", type=int, help="Seed for sampling (reproducible draws)."),
+        click.option("--seed", type=int, help="Seed for sampling (reproducible draws; needs --temperature above 0)."),
         click.option("--show-reasoning", is_flag=True, help="Also print the analysis (and commentary), dimmed."),
         click.option("--moe-stats", is_flag=True, help="Report expert routing per layer, prompt and answer apart."),
         click.option("--check-routing", is_flag=True, help="Assert routing invariants at every step (slower)."),
@@ -233,6 +272,10 @@ def _generation_options(f):
 
 def _generate_config(o: dict, logprobs: bool = False):
     from .generate import GenerateConfig, SamplingConfig
+
+    if o["seed"] is not None and o["temperature"] == 0:
+        raise ReliefError(f"--seed {o['seed']} has nothing to seed: --temperature 0 is greedy, with no random "
+                          "draws; set --temperature above 0 or drop --seed")
 
     sampling = SamplingConfig(temperature=o["temperature"], top_p=o["top_p"], top_k=o["top_k"], min_p=o["min_p"],
                               repetition_penalty=o["repetition_penalty"],
@@ -262,6 +305,15 @@ class _DeltaPrinter:
         click.echo(click.style(delta.text, dim=True) if hidden else delta.text, nl=False)
 
 
+def _load_engine(o: dict):
+    """The model (and adapter) of `generate` / `chat`, saying so first: a 13 GB load takes a while."""
+    from .generate import Engine
+
+    with_adapter = f" with adapter {o['adapter']}" if o["adapter"] else ""
+    click.echo(f"loading {o['model']}{with_adapter} ...", err=True)
+    return Engine.load(o["model"], o["adapter"])
+
+
 def _after_answer(reply, show_reasoning: bool) -> None:
     """End the streamed line; say on stderr why nothing was printed, when nothing was."""
     click.echo()
@@ -276,56 +328,73 @@ def _after_answer(reply, show_reasoning: bool) -> None:
 @_generation_options
 @click.option("--prompt", help="One prompt; the answer streams to the terminal.")
 @click.option("--prompts", "prompts_file", type=click.Path(), help="JSONL of prompts ({\"prompt\"} or {\"messages\"}).")
-@click.option("--out", type=click.Path(), help="JSONL answers for --prompts, written atomically.")
+@click.option("--answers", type=click.Path(dir_okay=False),
+              help="JSONL file of the --prompts answers, written atomically.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Prompts of --prompts decoded together (one forward pass per step for all).")
-@click.option("--logprobs", is_flag=True, help="Keep per-token log-probabilities (printed, or in --out).")
+@click.option("--logprobs", is_flag=True, help="Keep per-token log-probabilities (printed, or in --answers).")
 @click.option("--raw", is_flag=True, help="Stream the generated tokens as text, Harmony tokens included.")
-def generate(prompt, prompts_file, out, batch_size, logprobs, raw, **o) -> None:
+def generate(prompt, prompts_file, answers, batch_size, logprobs, raw, **o) -> None:
     """Answer a prompt (or a JSONL file of prompts) with a model and optional LoRA adapter."""
-    from .generate import Engine
+    from mlx_lm.generate import wired_limit
+
     from .generate.batch import answer_file, conversation
     from .generate.chat import stats_text
     from .generate.engine import answer
 
-    if (prompt is None) == (prompts_file is None) or (prompts_file is None) != (out is None):
-        raise ReliefError("pass either --prompt TEXT, or --prompts FILE.jsonl with --out FILE.jsonl")
+    if (prompt is None) == (prompts_file is None) or (prompts_file is None) != (answers is None):
+        raise ReliefError("pass either --prompt TEXT, or --prompts FILE.jsonl with --answers FILE.jsonl")
+    if prompts_file is not None and (raw or o["show_reasoning"]):
+        raise ReliefError(f"{'--raw' if raw else '--show-reasoning'} shapes what one --prompt prints; --prompts "
+                          "writes every channel to --answers: drop it")
     config = _generate_config(o, logprobs)
     messages = conversation(prompt, o["system"]) if prompt is not None else None
-    engine = Engine.load(o["model"], o["adapter"])
-    if prompts_file is not None:
-        def progress(line, reply, error):
-            click.echo(f"{prompts_file}:{line}: " + (f"error: {error}" if error else
-                       f"{reply.generated_tokens} tokens, {reply.decode_tps:.1f} tokens/s"), err=True)
-
-        result = answer_file(engine, prompts_file, out, config, batch_size, on_answer=progress)
-        click.echo(f"answers -> {result.out} ({result.answered} answered, {len(result.failed)} failed)")
-        if result.failed:
-            line, reason = result.failed[0]
-            raise ReliefError(f"{len(result.failed)} line(s) of {prompts_file} got no answer, first line {line}: "
-                              f"{reason}; fix them and run again")
-        return
-    if raw:
-        reply = answer(engine, messages, config, on_text=lambda text: click.echo(text, nl=False))
-        click.echo()
-    else:
-        reply = answer(engine, messages, config, on_delta=_DeltaPrinter(o["show_reasoning"]))
-        _after_answer(reply, o["show_reasoning"])
+    engine = _load_engine(o)
+    with wired_limit(engine.model):  # on Metal: keep the model's memory wired (mlx-lm's mechanism)
+        if prompts_file is not None:
+            _answer_prompts(engine, prompts_file, answers, config, batch_size, answer_file)
+            return
+        if raw:
+            reply = answer(engine, messages, config, on_text=lambda text: click.echo(text, nl=False))
+            click.echo()
+        else:
+            reply = answer(engine, messages, config, on_delta=_DeltaPrinter(o["show_reasoning"]))
+            _after_answer(reply, o["show_reasoning"])
     if logprobs:
         for token, lp in zip(reply.tokens, reply.logprobs, strict=True):
             click.echo(f"{token}\t{engine.harmony.decode([token])!r}\t{lp:.4f}", err=True)
     click.echo(click.style(stats_text(reply), dim=True), err=True)
 
 
+def _answer_prompts(engine, prompts_file: str, answers: str, config, batch_size: int, answer_file) -> None:
+    def progress(line, reply, error):
+        click.echo(f"{prompts_file}:{line}: " + (f"error: {error}" if error else
+                   f"{reply.generated_tokens} tokens, {reply.decode_tps:.1f} tokens/s"), err=True)
+
+    result = answer_file(engine, prompts_file, answers, config, batch_size, on_answer=progress)
+    click.echo(f"answers -> {result.out} ({result.answered} answered, {len(result.failed)} failed)")
+    if result.failed:
+        line, reason = result.failed[0]
+        raise ReliefError(f"{len(result.failed)} line(s) of {prompts_file} got no answer, first line {line}: "
+                          f"{reason}; fix them and run again")
+
+
 @cli.command()
 @_generation_options
 def chat(**o) -> None:
     """Talk to a model turn by turn (/help lists the commands)."""
-    from .generate import Engine
+    from mlx_lm.generate import wired_limit
+
     from .generate.chat import QUIT, ChatSession
 
-    session = ChatSession(Engine.load(o["model"], o["adapter"]), _generate_config(o), o["system"])
+    config = _generate_config(o)
+    session = ChatSession(_load_engine(o), config, o["system"])
     click.echo(f"chatting with {o['model']}: /help for commands, Ctrl-D to leave")
+    with wired_limit(session.engine.model):  # on Metal: keep the model's memory wired (mlx-lm's mechanism)
+        _chat_loop(session, o["show_reasoning"], QUIT)
+
+
+def _chat_loop(session, show_reasoning: bool, quit_marker) -> None:
     while True:
         try:
             line = input(">>> ")
@@ -333,19 +402,19 @@ def chat(**o) -> None:
             break
         if line.startswith("/"):
             shown = session.command(line)
-            if shown is QUIT:
+            if shown is quit_marker:
                 break
             click.echo(shown)
             continue
         try:
-            reply = session.ask(line, on_delta=_DeltaPrinter(o["show_reasoning"]))
+            reply = session.ask(line, on_delta=_DeltaPrinter(show_reasoning))
         except ReliefError as e:
             click.echo(f"error: {e}", err=True)
             continue
         except KeyboardInterrupt:
             click.echo("\n(interrupted; the turn is forgotten)", err=True)
             continue
-        _after_answer(reply, o["show_reasoning"])
+        _after_answer(reply, show_reasoning)
 # --- end generate / chat --------------------------------------------------------------------
 
 
@@ -353,24 +422,38 @@ def chat(**o) -> None:
 @cli.command()
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(),
               help="Folder for the demo's model, converted model and adapter (reused when complete).")
-@click.option("--recipe", default="recipes/mini.toml", show_default=True, type=click.Path())
-def demo(out: str, recipe: str) -> None:
+@click.option("--recipe", default="recipes/mini.toml", show_default=True,
+              help="Recipe file; a bundled name (recipes/mini.toml) works from any folder.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override a recipe value (repeatable), e.g. --set train.iterations=5.")
+@click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Tokens each of the two answers may generate.")
+def demo(out: str, recipe: str, overrides: tuple[str, ...], max_tokens: int) -> None:
     """Synthesize a mini gpt-oss, convert it, train LoRA on the bundled data, answer with and without it."""
     from .demo import run_demo
-    from .train.report import step_line, summary_lines
+    from .eval.report import event_line as eval_line
+    from .train.report import event_line, step_line, summary_lines
 
     def show(kind: str, event: dict) -> None:
         if kind == "step":
             click.echo("    " + step_line(event), err=True)
         elif kind == "done":
             click.echo("\n".join("    " + line for line in summary_lines(event)), err=True)
+        elif kind in ("load", "compile") and (line := event_line(kind, event)):
+            click.echo("    " + line, err=True)
 
-    result = run_demo(out, recipe, say=lambda line: click.echo(line, err=True), train_event=show)
+    def show_eval(kind: str, event: dict) -> None:
+        if kind != "done" and (line := eval_line(kind, event)):
+            click.echo("    " + line, err=True)
+
+    result = run_demo(out, recipe, say=lambda line: click.echo(line, err=True), train_event=show,
+                      max_tokens=max_tokens, overrides=overrides, eval_event=show_eval)
     curve = " ".join(f"{loss:.2f}" for _, loss in result["summary"]["loss_curve"])
     click.echo(f"train loss by step: {curve}")
     for name, reply in result["answers"].items():
         channel = "final channel" if reply["final_channel"] else "raw tokens: no final channel"
         click.echo(f"--- {name} ({channel}, {reply['decode_tps']:.1f} tokens/s)\n{reply['text'].strip()}")
+    click.echo("\n".join(result["eval"]["sentences"]) + f"\neval report -> {result['eval']['report']}")
     click.echo(f"adapters -> {result['adapter']}")
 # --- end demo -------------------------------------------------------------------------------
 
@@ -420,12 +503,13 @@ def _lengths(ctx: click.Context, param: click.Parameter, value: str) -> tuple[in
 
 @cli.command()
 @click.option("--model", help="Converted checkpoint folder or Hub id.")
-@click.option("--preset", help="Instead of --model: random weights at a preset's shapes, in memory "
-                               "(mini, gpt-oss-20b-2l, gpt-oss-20b-6l, gpt-oss-20b).")
-@click.option("--experts", type=click.Choice(["mxfp4", "dense", "dense-shared"]),
-              help="A preset's experts: mxfp4 (as published), dense (dequantized to the model's dtype) or "
-                   "dense-shared (every layer holds layer 0's: a deep float32 model timed in less memory) "
-                   "[default: mxfp4].")
+@click.option("--preset", type=click.Choice(list(PRESETS)),
+              help="Instead of --model: random weights at a preset's shapes, in memory.")
+@click.option("--experts", type=click.Choice(EXPERT_FORMATS),
+              help="A preset's experts: mxfp4 (as published; auto is the same) or dequantized to the dtype the "
+                   "model runs in (--dtype) [default: mxfp4].")
+@click.option("--shared-experts", is_flag=True,
+              help="Every layer holds layer 0's dense experts: a deep float32 model timed in less memory.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]),
               help="Float weights [default: the backend's: float32 on the CPU, bfloat16 on GPUs].")
 @click.option("--prompt-lengths", default="128,512,2048", show_default=True, callback=_lengths,
@@ -442,32 +526,221 @@ def _lengths(ctx: click.Context, param: click.Parameter, value: str) -> tuple[in
 @click.option("--compare", type=click.Choice(["mlx-lm"]), multiple=True,
               help="Also run mlx-lm's generation and LoRA step on the same model, with ratios.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random weights, prompts and LoRA.")
-@click.option("--bandwidth-mib", default=256, show_default=True, help="Size of the array the bandwidth test reads.")
+@click.option("--bandwidth-mib", type=int,
+              help="Largest array the bandwidth probe reads, MiB (also half and a quarter of it) "
+                   "[default: 16x the last-level cache, at least 256 MiB; 2 GiB on a GPU].")
 @click.option("--out", type=click.Path(dir_okay=False),
-              help="Write the results as JSON here, the chart beside it (.png).")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Chart path [default: --out with .png].")
-def bench(model: str | None, preset: str | None, experts: str | None, dtype: str | None,
+              help="File to write the results to as JSON; the chart goes beside it (.png).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Chart file [default: --out with .png].")
+def bench(model: str | None, preset: str | None, experts: str | None, shared_experts: bool, dtype: str | None,
           prompt_lengths: tuple[int, ...],
           gen_lengths: tuple[int, ...], trials: int, prefill_chunk: int, recipe: str | None, train_seq: int | None,
-          no_training: bool, compare: tuple[str, ...], seed: int, bandwidth_mib: int, out: str | None,
+          no_training: bool, compare: tuple[str, ...], seed: int, bandwidth_mib: int | None, out: str | None,
           plot_path: str | None) -> None:
-    """Tokens/s and memory of generation and LoRA training, against the machine's bandwidth."""
+    """Tokens/s and memory of generation and LoRA training, against the machine's bandwidth.
+
+    Exits 1, after writing everything, when a decode reads faster than the measured bandwidth
+    limit: that is an error in the measurement, not a result."""
     from pathlib import Path
 
     from .bench import BenchConfig, run_bench
-    from .bench.report import format_table, plot, write
+    from .bench.memory import MeasurementError
+    from .bench.report import format_table, measurement_errors, plot, write
 
-    config = BenchConfig(model=model, preset=preset, experts=experts, dtype=dtype, prompt_lengths=prompt_lengths,
+    config = BenchConfig(model=model, preset=preset, experts=experts, shared_experts=shared_experts, dtype=dtype,
+                         prompt_lengths=prompt_lengths,
                          gen_lengths=gen_lengths, trials=trials, prefill_chunk=prefill_chunk,
                          training=not no_training, recipe=recipe, train_seq=train_seq, compare=compare, seed=seed,
                          bandwidth_mib=bandwidth_mib)
-    result = run_bench(config, on_event=lambda message: click.echo(f"bench: {message}", err=True))
+    result = run_bench(config, say=lambda message: click.echo(f"bench: {message}", err=True))
     click.echo(format_table(result))
     if out:
         click.echo(f"results -> {write(result, out)}")
     plot_path = plot_path or (str(Path(out).with_suffix(".png")) if out else None)
     if plot_path:
-        chart = plot(result, plot_path)
-        click.echo(f"chart -> {chart}" if chart
-                   else "no chart: matplotlib is not installed (pip install 'relief-mlx[plot]')")
+        click.echo(f"chart -> {plot(result, plot_path)}")
+    errors = measurement_errors(result)
+    if errors:
+        raise MeasurementError(errors[0] + (f" ({len(errors) - 1} more decode figures too)" if len(errors) > 1 else ""))
 # --- end bench ------------------------------------------------------------------------------
+
+
+# --- eval (relief_mlx.eval) -------------------------------------------------------------------
+@cli.command("eval")
+@click.option("--model", required=True, help="Converted checkpoint folder or Hub id.")
+@click.option("--adapter", "adapters", multiple=True, type=click.Path(),
+              help="LoRA adapter to compare with the base (repeatable): a run folder, its best/ or checkpoint/, "
+                   "or a weights file.")
+@click.option("--data", default="datasets/emergency_relief", show_default=True,
+              help="Dataset folder, .jsonl file or Hub dataset id.")
+@click.option("--split", default="test", show_default=True, help="Split to answer; its items need key_facts.")
+@click.option("--out", default="runs/eval", show_default=True, type=click.Path(),
+              help="Folder for the report; an interrupted eval into it resumes.")
+@click.option("--limit", default=0, show_default=True, help="At most N items, spread over categories; 0: all.")
+@click.option("--categories", multiple=True, help="Only these categories (repeatable or comma-separated).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Answers decoded together, and examples per teacher-forced pass.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Most tokens per answer, reasoning included.")
+@click.option("--reasoning", type=click.Choice(REASONING_EFFORTS), default="low", show_default=True,
+              help="Reasoning effort in the system message (training renders with low).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the bootstrap confidence intervals.")
+def eval_command(model, adapters, data, split, out, limit, categories, batch_size, max_tokens, reasoning,
+                 seed) -> None:
+    """Answer a test split with the base model and each adapter; score key facts, must_not violations and
+    loss; compare with bootstrap confidence intervals; write examples.jsonl, summary.json, report.md, a chart."""
+    from .eval.report import event_line
+    from .eval.run import EvalConfig, evaluate
+    from .recipe import DataSection
+
+    config = EvalConfig(model=model, adapters=adapters, data=DataSection(path=data, reasoning_effort=reasoning),
+                        split=split, out=out, limit=limit, batch_size=batch_size, max_tokens=max_tokens, seed=seed,
+                        categories=tuple(c.strip() for text in categories for c in text.split(",") if c.strip()))
+
+    def show(kind: str, event: dict) -> None:
+        if kind != "done" and (line := event_line(kind, event)):  # the summary goes to stdout below
+            click.echo(line, err=True)
+
+    result = evaluate(config, on_event=show)
+    for line in result.summary["sentences"]:
+        click.echo(line)
+    click.echo(f"report -> {result.files['report']}")
+# --- end eval ---------------------------------------------------------------------------------
+
+
+# --- serve (relief_mlx.serve) ---------------------------------------------------------------
+@cli.command()
+@click.option("--model", required=True, help="Converted checkpoint folder or Hub id (also its model id in the API).")
+@click.option("--adapter", "adapters", multiple=True, metavar="[NAME=]PATH",
+              help="A LoRA adapter served as model id NAME (default: PATH); repeatable.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--api-key", envvar="RELIEF_API_KEY",
+              help="Require `Authorization: Bearer KEY` on /v1 (or set RELIEF_API_KEY).")
+@click.option("--max-batch", default=8, show_default=True, help="Requests decoded together in one forward pass.")
+@click.option("--max-queue", default=64, show_default=True, help="Requests waiting for a row before new ones get 429.")
+@click.option("--max-tokens-limit", default=4096, show_default=True,
+              help="Most tokens one request may generate (its default too).")
+@click.option("--max-body-mb", default=1.0, show_default=True, help="Largest request body; larger ones get 413.")
+@click.option("--prompt-cache", default=8, show_default=True, help="Prompt-cache snapshots kept per model id.")
+@click.option("--prefill-chunk", default=512, show_default=True, help="Prompt tokens per forward pass.")
+def serve(model, adapters, host, port, api_key, max_batch, max_queue, max_tokens_limit, max_body_mb, prompt_cache,
+          prefill_chunk) -> None:
+    """Serve a model (and adapters) over an OpenAI-compatible API, with a chat page at /."""
+    from .serve import ServeConfig
+    from .serve import serve as run
+
+    config = ServeConfig(model=model, adapters=adapters, host=host, port=port, api_key=api_key, max_batch=max_batch,
+                         max_queue=max_queue, max_tokens_limit=max_tokens_limit, max_body_mb=max_body_mb,
+                         prompt_cache=prompt_cache, prefill_chunk=prefill_chunk)
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use the model",
+                   err=True)
+    run(config, say=lambda line: click.echo(line, err=True))
+# --- end serve ------------------------------------------------------------------------------
+
+
+# --- fuse / export (relief_mlx.export) ------------------------------------------------------
+_MERGE_DTYPE = click.option("--dtype", type=click.Choice(DTYPES),
+                            help="dtype of every merged weight [default: each weight's own; a dequantized "
+                                 "expert takes its bias dtype]. float32 keeps the delta exactly.")
+_EVAL = click.option("--eval", "eval_summary", type=click.Path(dir_okay=False),
+                     help="summary.json written by `relief eval`, quoted in the model card.")
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def _print_merged(result: dict) -> None:
+    by_kind: dict[str, list[dict]] = {}
+    for m in result["merged"]:
+        by_kind.setdefault(m["kind"], []).append(m)
+    for kind, group in by_kind.items():
+        before, after = sum(m["bytes_before"] for m in group), sum(m["bytes_after"] for m in group)
+        sizes = f", {_megabytes(before)} -> {_megabytes(after)}" if kind == "dequantized" else ""
+        worst = max(m["delta_error"] for m in group)
+        click.echo(f"{kind}: {len(group)} modules ({group[0]['dtype']}{sizes}); relative error of the stored "
+                   f"delta up to {worst:.2e}")
+
+
+@cli.command()
+@click.option("--model", required=True, help="Base MLX model folder (written by `relief convert`) or Hub id.")
+@click.option("--adapter", required=True, type=click.Path(), help="LoRA adapter folder (`relief train`, mlx-lm).")
+@click.option("--out", required=True, type=click.Path(), help="Folder to write (must not exist or be empty).")
+@click.option("--keep-adapter-for-experts", is_flag=True,
+              help="Leave the MXFP4 experts the adapter touches as they are and keep their LoRA as an adapter "
+                   "in OUT/adapter (load with --adapter OUT/adapter) [default: dequantize exactly those].")
+@click.option("--requantize", is_flag=True,
+              help="Re-quantize the touched MXFP4 experts; prints how much of the delta survives and stops "
+                   "unless --accept-requantize-loss is also given.")
+@click.option("--accept-requantize-loss", is_flag=True, help="Write the re-quantized experts despite the loss.")
+@_MERGE_DTYPE
+@_EVAL
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out once the new folder is complete.")
+def fuse(model: str, adapter: str, out: str, keep_adapter_for_experts: bool, requantize: bool,
+         accept_requantize_loss: bool, dtype: str | None, eval_summary: str | None, overwrite: bool) -> None:
+    """Merge a LoRA adapter into the model; check the result against base + adapter before writing it."""
+    from pathlib import Path
+
+    from .export.fuse import fuse as run
+
+    if keep_adapter_for_experts and requantize:
+        raise ReliefError("--keep-adapter-for-experts and --requantize exclude each other; choose one")
+    if accept_requantize_loss and not requantize:
+        raise ReliefError("--accept-requantize-loss goes with --requantize; add it or drop the flag")
+    quantized = "keep-adapter" if keep_adapter_for_experts else "requantize" if requantize else "dequantize"
+    result = run(model, adapter, out, quantized=quantized, dtype=dtype, accept_requantize_loss=accept_requantize_loss,
+                 overwrite=overwrite, eval_summary=Path(eval_summary) if eval_summary else None,
+                 progress=_progress("fuse"))
+    _print_merged(result)
+    if loss := result["requantize_loss"]:
+        click.echo(f"re-quantized: the delta stored with a relative error of {loss['delta_error']:.2f} "
+                   f"(up to {loss['delta_error_max']:.2f}; 1 = as if dropped); accepted")
+    check = result["check"]
+    click.echo(f"check: {check['tokens']} tokens, logits {check['median_relative_error']:.2e} from base + adapter "
+               f"(median relative error; allowed {result['tolerance']:.0e}; max {check['max_relative_error']:.2e}), "
+               f"argmax agreement {check['argmax_agreement']:.1%}; the adapter moves them by "
+               f"{check['adapter_effect']:.2e}")
+    for note in result["notes"]:
+        click.echo(f"note: {note}")
+    if result["kept_adapter"]:
+        click.echo(f"kept adapter -> {Path(out) / result['kept_adapter']} (pass it with --adapter)")
+    click.echo(f"fused -> {result['out']}")
+
+
+@cli.command("export")
+@click.option("--model", required=True, help="MLX model folder (base or fused) or Hub id.")
+@click.option("--adapter", type=click.Path(), help="LoRA adapter folder; merged for hf and gguf, converted for peft.")
+@click.option("--format", "fmt", required=True, type=click.Choice(["hf", "peft", "gguf"]),
+              help="hf: transformers' gpt-oss layout; peft: a PEFT adapter for the HF checkpoint; "
+                   "gguf: one file for llama.cpp / Ollama, with a Modelfile.")
+@click.option("--out", required=True, type=click.Path(),
+              help="Folder to write (must not exist or be empty); for gguf also a FILE.gguf, its Modelfile, "
+                   "card and manifest written beside it as FILE.Modelfile, FILE.md, FILE.manifest.json.")
+@_MERGE_DTYPE
+@_EVAL
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out once the new output is complete.")
+def export_command(model: str, adapter: str | None, fmt: str, out: str, dtype: str | None, eval_summary: str | None,
+                   overwrite: bool) -> None:
+    """Export a model (+ adapter) to Hugging Face, PEFT or GGUF, with a model card and checksums."""
+    from pathlib import Path
+
+    from .export import export as run
+
+    result = run(model, out, fmt, adapter=adapter, dtype=dtype, overwrite=overwrite,
+                 eval_summary=Path(eval_summary) if eval_summary else None, progress=_progress(f"export {fmt}"))
+    _print_merged(result)
+    if fmt == "hf":
+        click.echo(f"experts: MXFP4 in layers {result['mxfp4_expert_layers'] or 'none'}, dense in "
+                   f"{result['dense_expert_layers'] or 'none'}")
+    elif fmt == "peft":
+        click.echo(f"{result['target_modules']} modules and {result['target_parameters']} expert parameters; "
+                   f"base model: {result['base_model_name_or_path']}")
+    else:
+        click.echo(f"tensors: {', '.join(f'{n} {k}' for k, n in result['tensor_types'].items())}; "
+                   f"then: ollama create NAME -f {Path(out) / 'Modelfile'}")
+    for note in result["notes"]:
+        click.echo(f"note: {note}")
+    click.echo(f"exported -> {result['out']}")
+# --- end fuse / export ----------------------------------------------------------------------

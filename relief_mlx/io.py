@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ReliefError
+
+MANIFEST = "relief-manifest.json"
 
 
 def _umask() -> int:
@@ -91,3 +94,57 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape what relief writes."""
+    from importlib import metadata
+
+    versions = {}
+    for package in ("relief-mlx", "mlx", "mlx-lm"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+@contextlib.contextmanager
+def atomic_files(folder: str | Path, names: list[str], overwrite: bool = False) -> Iterator[Path]:
+    """Build the files `names` in a temporary folder inside `folder`, then move each into `folder`,
+    the last name last (once it exists, the others do). Nothing else in `folder` is touched; an
+    existing file of those names is an error unless `overwrite`."""
+    folder = Path(folder)
+    clash = next((n for n in names if (folder / n).exists()), None)
+    if clash is not None and not overwrite:
+        raise ReliefError(f"{folder / clash} already exists; choose another --out or pass --overwrite")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".relief.partial-", dir=folder))
+    try:
+        yield tmp
+        for name in names:
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        for name in names:
+            os.replace(tmp / name, folder / name)
+        _fsync_dir(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_manifest(folder: Path, record: dict, files: list[str] | None = None) -> None:
+    """`folder/relief-manifest.json`: `record`, the sha256 of `files` (default: every file under
+    `folder`, by relative path) as "outputs", and the package versions. The one manifest writer of
+    every folder relief builds (convert, fuse, export), called last inside `atomic_dir`."""
+    if files is None:
+        files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    write_json(folder / MANIFEST, record | {"outputs": {f: sha256(folder / f) for f in files},
+                                            "versions": package_versions()})

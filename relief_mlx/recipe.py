@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .choices import DTYPES, MASK_MODES, REASONING_EFFORTS
 from .errors import ReliefError
 
 if sys.version_info >= (3, 11):
@@ -23,9 +24,6 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-MASKS = ("final", "last", "final+analysis", "all")
-EFFORTS = ("low", "medium", "high")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -45,7 +43,7 @@ class ModelSection:
 
     def __post_init__(self) -> None:
         _check(bool(self.path), "model.path", self.path, "a converted checkpoint folder or Hub id")
-        _check(self.dtype in DTYPES, "model.dtype", self.dtype, f"one of {', '.join(DTYPES)}")
+        _check(self.dtype in ("auto", *DTYPES), "model.dtype", self.dtype, f"one of auto, {', '.join(DTYPES)}")
 
 
 @dataclass(frozen=True)
@@ -67,9 +65,9 @@ class DataSection:
 
     def __post_init__(self) -> None:
         _check(self.max_length >= 16, "data.max_length", self.max_length, "at least 16")
-        _check(self.mask in MASKS, "data.mask", self.mask, f"one of {', '.join(MASKS)}")
-        _check(self.reasoning_effort in EFFORTS, "data.reasoning_effort", self.reasoning_effort,
-               f"one of {', '.join(EFFORTS)}")
+        _check(self.mask in MASK_MODES, "data.mask", self.mask, f"one of {', '.join(MASK_MODES)}")
+        _check(self.reasoning_effort in REASONING_EFFORTS, "data.reasoning_effort", self.reasoning_effort,
+               f"one of {', '.join(REASONING_EFFORTS)}")
 
 
 @dataclass(frozen=True)
@@ -125,8 +123,8 @@ class TrainSection:
     """Clip the global gradient norm to this (0 disables clipping)."""
     grad_checkpoint: bool = False
     """Recompute each layer's activations in the backward pass: less memory, ~30% more time."""
-    compile: bool = True
-    """Compile the micro-step with mx.compile (one trace per padded shape)."""
+    compile: bool = False
+    """Compile the micro-step with mx.compile: one trace per padded shape (raise pad_multiple); no CPU gain measured."""
     loss_chunk: int = 128
     """Trained positions per lm_head chunk in the loss; 0 computes all logits (plain cross-entropy)."""
     pad_multiple: int = 1
@@ -194,6 +192,34 @@ class OutputSection:
         _check(self.report_every >= 1, "output.report_every", self.report_every, "at least 1")
 
 
+# --- eval (relief_mlx.eval) ---
+@dataclass(frozen=True)
+class EvalSection:
+    """`relief eval` at the end of a run: the base model against the run's best adapter, into RUN/eval/."""
+
+    enabled: bool = False
+    """Evaluate when training ends (data.path's split below must carry key_facts)."""
+    split: str = "test"
+    """Split of data.path to answer and score."""
+    limit: int = 0
+    """Evaluate at most this many items, spread over the categories; 0 means all."""
+    categories: tuple[str, ...] = ()
+    """Only these categories; empty means all."""
+    max_tokens: int = 1024
+    """Most tokens per answer, reasoning included."""
+    batch_size: int = 8
+    """Answers decoded together (and examples per teacher-forced forward pass)."""
+    seed: int = 0
+    """Seed of the bootstrap resamples behind the confidence intervals."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.split), "eval.split", self.split, "a split name, e.g. test")
+        _check(self.limit >= 0, "eval.limit", self.limit, "0 (all) or more")
+        _check(self.max_tokens >= 1, "eval.max_tokens", self.max_tokens, "at least 1")
+        _check(self.batch_size >= 1, "eval.batch_size", self.batch_size, "at least 1")
+# --- end eval ---
+
+
 @dataclass(frozen=True)
 class Recipe:
     """One complete run. Sections are TOML tables of the same names."""
@@ -204,6 +230,7 @@ class Recipe:
     train: TrainSection = field(default_factory=TrainSection)
     validation: ValidationSection = field(default_factory=ValidationSection)
     output: OutputSection = field(default_factory=OutputSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {f.name: {k: list(v) if isinstance(v, tuple) else v
@@ -288,9 +315,13 @@ def apply_overrides(tables: dict[str, Any], overrides: list[str]) -> dict[str, A
 
 
 def read_tables(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+    """The tables of a recipe file; a name that is no file here may be a bundled recipe (`mini.toml`)."""
+    from . import bundled
+
+    path = bundled.resolve("recipes", path)
     if not path.is_file():
-        raise ReliefError(f"recipe {path} does not exist; pass a file from recipes/, e.g. recipes/mini.toml")
+        raise ReliefError(f"recipe {path} does not exist; pass a TOML file or a bundled recipe "
+                          f"({', '.join(bundled.names('recipes'))})")
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:

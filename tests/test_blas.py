@@ -147,3 +147,50 @@ def test_bad_relief_blas_is_one_line_and_exit_1():
     assert done.stderr.strip().splitlines() == [
         "error: RELIEF_BLAS=/nope.so is not a file; point it at a libblas.so.3 or libopenblas.so,"
         " or unset it"]
+
+
+# ---------------------------------------------------------------- the notice on a machine without OpenBLAS
+
+
+def notice(env: dict[str, str], *, system: str = "linux", reference: bool = True, found: tuple[str, ...] = ()):
+    return blas.slow_blas_notice(env, system=system, reference_blas=lambda: reference,
+                                 candidates=[LIB, "/other/libblas.so.3"], exists=lambda p: p in found)
+
+
+def test_without_openblas_long_commands_say_what_to_install_and_what_it_gains():
+    """Regression: a fresh Debian machine ran the demo 4x slower and printed nothing about it."""
+    line = notice({"PATH": "/bin"})
+    assert "\n" not in line and "reference BLAS" in line
+    assert "apt-get install libopenblas0-pthread" in line and "4.1 instead of 177 GFLOP/s" in line
+    assert "43 instead of 175 tokens/s" in line
+
+
+@pytest.mark.parametrize("case", ["openblas found", "re-executed", "opted out", "user preload", "not linux",
+                                  "not the reference BLAS"])
+def test_no_notice_where_the_fast_path_is_taken_or_declined(case):
+    env, kw = {"PATH": "/bin"}, {}
+    if case == "openblas found":
+        kw["found"] = (LIB,)
+    elif case == "re-executed":
+        env[blas.MARKER] = LIB
+    elif case == "opted out":
+        env[blas.OPT_OUT] = "1"
+    elif case == "user preload":
+        env["LD_PRELOAD"] = "/opt/libopenblas.so.0"
+    elif case == "not linux":
+        kw["system"] = "darwin"
+    else:
+        kw["reference"] = False
+    assert notice(env, **kw) is None
+
+
+def test_the_notice_opens_long_commands_only(monkeypatch):
+    from click.testing import CliRunner
+
+    from relief_mlx import cli as cli_module
+
+    monkeypatch.setattr(cli_module, "_slow_blas_notice", lambda: "note: slow BLAS")
+    long_command = CliRunner().invoke(cli_module.cli, ["train"])  # fails on its missing recipe, after the note
+    assert long_command.stderr.splitlines()[0] == "note: slow BLAS"
+    quick = CliRunner().invoke(cli_module.cli, ["inspect", "mini", "--json"])
+    assert quick.exit_code == 0 and "slow BLAS" not in quick.stderr

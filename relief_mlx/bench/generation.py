@@ -25,7 +25,8 @@ from .stats import summarize
 
 # (model, prompt (L,), max_tokens, prefill_chunk) -> token ids, greedy, no stop tokens
 Runner = Callable[[nn.Module, mx.array, int, int], Iterator[int]]
-Event = Callable[[str], None]
+Say = Callable[[str], None]
+"""`say(message)`: what the bench is doing now, for a progress line."""
 
 
 def relief_tokens(model: nn.Module, prompt: mx.array, max_tokens: int, chunk: int) -> Iterator[int]:
@@ -87,7 +88,7 @@ def random_prompt(length: int, seed: int) -> mx.array:
 
 def bench_generation(models: dict[str, nn.Module], prompt_lengths: Sequence[int],
                      gen_lengths: Sequence[int], trials: int, chunk: int, seed: int = 0,
-                     on_event: Event | None = None) -> dict[str, dict]:
+                     say: Say | None = None) -> dict[str, dict]:
     """{runner: {"prefill": [row per prompt length], "decode": [row per generation length]}},
     each runner ("relief", "mlx-lm") on its model.
 
@@ -95,7 +96,7 @@ def bench_generation(models: dict[str, nn.Module], prompt_lengths: Sequence[int]
     tokens that follow the first one after the shortest prompt. Each runner first runs once
     per prompt length untimed (allocation, kernel compilation).
     """
-    say = on_event or (lambda message: None)
+    say = say or (lambda message: None)
     prompts = {p: random_prompt(p, seed) for p in prompt_lengths}
     decode_prompt = min(prompt_lengths)
     for name, model in models.items():

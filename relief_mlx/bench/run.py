@@ -2,8 +2,9 @@
 
 `run_bench(config)` reads top to bottom: check that the model fits (before allocating anything),
 describe the machine, measure its memory bandwidth, build the model, time generation, put every
-decode figure next to the bandwidth limit, time a LoRA step, compare with mlx-lm. It returns
-plain JSON-able values; `report` turns them into a table, a JSON file and a chart.
+decode figure next to the bandwidth limit (a share above 100% is recorded as a measurement error),
+time a LoRA step, compare with mlx-lm. It returns plain JSON-able values; `report` turns them
+into a table, a JSON file and a chart.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import os
 import platform
 import shlex
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 import mlx.core as mx
@@ -22,14 +22,13 @@ from ..generate.loop import DEFAULT_PREFILL_CHUNK
 from ..memory import train_forecast
 from ..model.load import default_dtype
 from . import memory, source
-from .generation import bench_generation
+from .generation import Say, bench_generation
 from .stats import paired_ratio
 from .training import bench_training, memory_breakdown, train_shape
 
 FORMAT = "relief-bench/1"
 COMPARE = ("mlx-lm",)
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
-Event = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -41,8 +40,9 @@ class BenchConfig:
     preset: str | None = None
     """Preset whose shapes get random weights in memory (experts MXFP4): mini, gpt-oss-20b-2l, -6l, gpt-oss-20b."""
     experts: str | None = None
-    """A preset's experts: mxfp4 (default, as published), dense (dequantized to the model's dtype) or
-    dense-shared (dense, every layer holding layer 0's arrays: timing a deep float32 model in less memory)."""
+    """A preset's experts: mxfp4 (default, as published) or the dtype the model runs in (dequantized)."""
+    shared_experts: bool = False
+    """Every layer holds layer 0's dense experts: timing a deep float32 model in less memory."""
     dtype: str | None = None
     """Float weights: float32 or bfloat16 (default: the backend's, float32 on the CPU)."""
     prompt_lengths: tuple[int, ...] = (128, 512, 2048)
@@ -63,8 +63,9 @@ class BenchConfig:
     """Also run these implementations on the same model: mlx-lm."""
     seed: int = 0
     """Seed of the random weights, prompts and LoRA initialization."""
-    bandwidth_mib: int = 256
-    """Size of the array the bandwidth test reads."""
+    bandwidth_mib: int | None = None
+    """Largest array the bandwidth probe reads, MiB (also half and a quarter of it); default:
+    16x the last-level cache, at least 256 MiB (2 GiB on a GPU)."""
 
     def __post_init__(self) -> None:
         for name in ("prompt_lengths", "gen_lengths"):
@@ -73,7 +74,7 @@ class BenchConfig:
                 raise ReliefError(f"--{name.replace('_', '-')} {','.join(map(str, values))!r} is not valid; "
                                   "give whole numbers of 1 or more, comma-separated")
         for name in ("trials", "prefill_chunk", "bandwidth_mib"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ReliefError(f"--{name.replace('_', '-')} {getattr(self, name)} is not valid; use 1 or more")
         if self.train_seq is not None and self.train_seq < 16:
             raise ReliefError(f"--train-seq {self.train_seq} is too short; use 16 tokens or more")
@@ -97,15 +98,17 @@ class BenchConfig:
                 words.append("--no-training")
             elif f.name == "compare":
                 words += [w for c in value for w in (option, c)]
+            elif isinstance(value, bool):
+                words.append(option)
             else:
                 words += [option, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
         return shlex.join(words)
 
 
-def run_bench(config: BenchConfig, on_event: Event | None = None) -> dict:
+def run_bench(config: BenchConfig, say: Say | None = None) -> dict:
     """Measure generation (and LoRA training) speed and memory of one model; see module doc."""
-    say = on_event or (lambda message: None)
-    src = source.describe(config.model, config.preset, config.experts)
+    say = say or (lambda message: None)
+    src = source.describe(config.model, config.preset, config.experts, config.dtype, config.shared_experts)
     dtype = DTYPES[config.dtype] if config.dtype else default_dtype()
     dtype_bytes = dtype.size
     shape = train_shape(config.recipe, config.train_seq) if config.training else None
@@ -128,7 +131,7 @@ def run_bench(config: BenchConfig, on_event: Event | None = None) -> dict:
     machine = diagnose()
     load_before = _load_average()
     say("memory bandwidth")
-    bandwidth = memory.measure_bandwidth(config.bandwidth_mib * 2**20)
+    bandwidth = memory.measure_bandwidth(config.bandwidth_mib and config.bandwidth_mib * memory.MIB)
 
     # -- the model
     say(f"model: building {src.label}")
@@ -153,9 +156,9 @@ def run_bench(config: BenchConfig, on_event: Event | None = None) -> dict:
     # -- generation, each decode figure against the bandwidth limit
     generation = bench_generation(models, config.prompt_lengths, config.gen_lengths, config.trials,
                                   config.prefill_chunk, config.seed, say)
-    for rows in generation.values():
+    for runner, rows in generation.items():
         for row in rows["decode"]:
-            _add_roofline(row, src.config, dtype_bytes, src.mxfp4, bandwidth["limit_gbps"])
+            _add_roofline(row, src.config, dtype_bytes, src.mxfp4, bandwidth["limit_gbps"], runner)
 
     # -- training
     training = None
@@ -197,13 +200,12 @@ def _load_average() -> float | None:
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
-def _add_roofline(row: dict, config: dict, dtype_bytes: int, mxfp4: bool, limit_gbps: float) -> None:
-    """Bytes read per decoded token (averaged over the run) and the share of the bandwidth the
-    measured speed uses; `ceiling_tokens_per_s` is the decode speed the bandwidth allows."""
+def _add_roofline(row: dict, config: dict, dtype_bytes: int, mxfp4: bool, limit_gbps: float, runner: str) -> None:
+    """Bytes read per decoded token (averaged over the run) and their place under the bandwidth
+    limit (`memory.decode_share`)."""
     parts = memory.mean_decode_bytes(config, dtype_bytes, mxfp4, row["prompt_tokens"], row["generated_tokens"])
     row["bytes_per_token"] = {k: round(v) for k, v in parts.items()}
-    row["ceiling_tokens_per_s"] = limit_gbps * memory.GB / parts["total"]
-    row["bandwidth_fraction"] = row["tokens_per_s"]["median"] / row["ceiling_tokens_per_s"]
+    row |= memory.decode_share(row, limit_gbps, f"{runner} decode of {row['generated_tokens']} tokens")
 
 
 def _ratios(generation: dict, training: dict | None) -> dict:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +19,13 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import hub
-from ..checkpoint.convert import map_tensors, mlx_config
+from ..checkpoint.convert import Progress
 from ..checkpoint.inspect import model_config
+from ..checkpoint.layout import hf_to_mlx, mlx_config
 from ..checkpoint.presets import PRESETS, hf_config, tensor_plan
+from ..choices import EXPERT_FORMATS
 from ..errors import ReliefError
-from ..model.load import build_model, read_weights
-
-Progress = Callable[[int, int, str], None]
+from ..model.load import build_model, default_dtype, read_weights
 
 
 @dataclass(frozen=True)
@@ -40,33 +40,38 @@ class Source:
     folder: str | None = None
     """A converted folder or the Hub id of one (downloaded only when built)."""
     shared_experts: bool = False
-    """Every layer holds layer 0's dense expert arrays (`describe`'s `dense-shared`)."""
+    """Every layer holds layer 0's dense expert arrays (`describe`'s `shared_experts`)."""
 
     @property
     def mxfp4(self) -> bool:
         return (self.config.get("quantization") or {}).get("mode") == "mxfp4"
 
 
-
-EXPERTS = ("mxfp4", "dense", "dense-shared")
-
-
-def describe(model: str | None, preset: str | None, experts: str | None = None) -> Source:
+def describe(model: str | None, preset: str | None, experts: str | None = None, dtype: str | None = None,
+             shared_experts: bool = False) -> Source:
     """The source named by exactly one of `model` (folder or Hub id) and `preset`; a preset's
-    experts are MXFP4 (as published) or, with `experts="dense"`, dequantized to the model's dtype.
+    experts are MXFP4 (as published; `auto` too) or dequantized to the dtype the model runs in
+    (`dtype`: float32 or bfloat16, default the backend's: float32 on CPU, bfloat16 on GPUs).
 
-    `dense-shared` gives every layer the same dense expert arrays (layer 0's): each layer does
+    `shared_experts` gives every layer the same dense expert arrays (layer 0's): each layer does
     the work of a real one, in memory once, so a 6-layer float32 model fits 24 GB for timing
     (it is not the published model: the benchmarks check it times like distinct experts)."""
     if (model is None) == (preset is None):
         raise ReliefError("pass exactly one of --model (a converted folder) and --preset "
                           f"({', '.join(PRESETS)})")
-    if experts not in (None, *EXPERTS):
-        raise ReliefError(f"--experts {experts} is not valid; choose one of {', '.join(EXPERTS)}")
+    if experts not in (None, *EXPERT_FORMATS):
+        raise ReliefError(f"--experts {experts} is not valid; choose one of {', '.join(EXPERT_FORMATS)}")
+    runs_in = dtype or str(default_dtype()).removeprefix("mlx.core.")
+    dense = experts not in (None, "auto", "mxfp4")
+    if dense and experts != runs_in:
+        raise ReliefError(f"--experts {experts}: the bench runs in {runs_in}, so dense experts are "
+                          f"{runs_in}; pass --experts {runs_in} or mxfp4 (or --dtype {experts})")
+    if shared_experts and not dense:
+        raise ReliefError(f"--shared-experts shares dense experts; pass --experts {runs_in} with it")
     if preset is not None:
-        config = mlx_config(hf_config(preset), "mxfp4" if experts in (None, "mxfp4") else "dense")
-        label = f"preset {preset} (synthesized{', experts shared by all layers' if experts == 'dense-shared' else ''})"
-        return Source(label, config, preset=preset, shared_experts=experts == "dense-shared")
+        config = mlx_config(hf_config(preset), experts if dense else "mxfp4")
+        label = f"preset {preset} (synthesized{', experts shared by all layers' if shared_experts else ''})"
+        return Source(label, config, preset=preset, shared_experts=shared_experts)
     if experts is not None:
         raise ReliefError("--experts applies to --preset; a converted folder's experts are what "
                           "`relief convert --experts` wrote")
@@ -150,7 +155,7 @@ def _mxfp4_scale(fan_in: int) -> int:
 def synth_weights(preset: str, dtype: mx.Dtype, seed: int = 0, progress: Progress | None = None,
                   dense: bool = False, shared_experts: bool = False) -> dict[str, mx.array]:
     """MLX weights of a preset (random, MXFP4 experts, dequantized to `dtype` when `dense`), one
-    tensor evaluated at a time, mapped to MLX's names and layout by the converter's own `map_tensors`.
+    tensor evaluated at a time, mapped to MLX's names and layout by the converter's own `hf_to_mlx`.
     With `shared_experts`, every layer's experts are layer 0's arrays."""
     config = hf_config(preset)
     experts = {mx.bfloat16: "bfloat16", mx.float32: "float32"}[dtype] if dense else "mxfp4"
@@ -164,7 +169,7 @@ def synth_weights(preset: str, dtype: mx.Dtype, seed: int = 0, progress: Progres
                         for k, v in weights.items() if k.startswith("model.layers.0.mlp.experts.")}
             continue  # drawn lazily, never evaluated
         pending[name] = tensor
-        mapped = map_tensors(pending, "mxfp4", experts, dtype)  # an expert waits for its bias
+        mapped = hf_to_mlx(pending, "mxfp4", experts, dtype)  # an expert waits for its bias
         mx.eval(mapped)
         weights |= mapped
         if progress:

@@ -27,7 +27,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from ..memory import StepShape
 from ..recipe import LoraSection, TrainSection, load_recipe
-from .generation import Event, random_prompt
+from .generation import Say, random_prompt
 from .stats import summarize
 
 # The seed replica (recipes/seed-replica.toml): LoRA r8, alpha 16 on q_proj and v_proj of every
@@ -139,7 +139,7 @@ STEPS: dict[str, Callable[[nn.Module, TrainShape, int], Callable[[], None]]] = {
 
 
 def bench_training(models: dict[str, nn.Module], shape: TrainShape, trials: int, seed: int = 0,
-                   on_event: Event | None = None) -> dict[str, dict]:
+                   say: Say | None = None) -> dict[str, dict]:
     """{runner: {"tokens_per_s", "step_s", "peak_memory_bytes", "cache_bytes"}} for the LoRA step
     of `shape`, each runner ("relief", "mlx-lm") on its model.
 
@@ -148,7 +148,7 @@ def bench_training(models: dict[str, nn.Module], shape: TrainShape, trials: int,
     an order that flips every trial.
     Their trainable weights move, which does not change the work of a step.
     """
-    say = on_event or (lambda message: None)
+    say = say or (lambda message: None)
     runners = list(models)
     steps = {}
     for name, model in models.items():

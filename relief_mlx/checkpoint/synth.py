@@ -14,7 +14,7 @@ norm, a sink or a bias that is dropped or misplaced.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlx.core as mx
@@ -22,10 +22,9 @@ import numpy as np
 
 from ..io import atomic_dir, write_json
 from . import mxfp4
+from .convert import Progress
 from .presets import PRESETS, generation_config, hf_config, nbytes, tensor_plan
 from .tokenizer import write_tokenizer_files
-
-Progress = Callable[[int, int, str], None]
 
 
 def _random_tensor(name: str, shape: tuple[int, ...], key: mx.array) -> mx.array:

@@ -1,7 +1,10 @@
 """`relief data check` and `relief data show` as data: reports that cli.py prints.
 
 The check fails (`CheckReport.ok` is False) on: exact duplicate examples, the same user prompt
-in two splits, near-duplicate answers in two splits (leakage inflates valid/test scores), and
+in two splits, near-duplicate answers in two splits, the same scenario in two splits (numbers,
+units and key nouns of the user turns; places may differ), all of which inflate valid/test
+scores; malformed scoring fields (`key_facts`, `must_not`, `rubric`) and unscored items in a
+scored split; reading-history phrases in answers ("seen only in secondary copies"); and
 examples the length policy would drop. It warns on: near-duplicate answers within a split,
 examples that would be shortened, chat lines without `sources`, skipped invalid lines.
 """
@@ -29,6 +32,7 @@ from .dataset import (
     tokenize,
 )
 from .harmony import HarmonyTokenizer, RenderOptions, resolve_tokenizer
+from .scoring import scoring_problems
 
 # Two answers sharing half their character 5-grams (Jaccard >= 0.5) are one answer lightly
 # edited. Measured on the emergency_relief drafts (264 answers): distinct answers peak at 0.27
@@ -43,6 +47,43 @@ SHINGLE_CHARS = 5
 _MINHASH_K = 128
 _MINHASH_MARGIN = 0.15
 MAX_LISTED = 20  # findings of one kind printed in full; the count is always exact
+# Two prompts describe one scenario when the tf-idf cosine of their scenario features (numbers
+# with units, acronyms, lower-case content words; capitalised words, mostly places and names,
+# are left out so that moving a scenario to another country changes nothing) reaches this.
+# Measured on emergency_relief v1 (352 examples): a scenario copied with its places swapped
+# scores 1.0; the re-used ones found by reading score 0.52 (MUAC child with a 4-month-old
+# brother) and 0.39 (power wheelchair and service dog at a shelter); different scenarios on one
+# topic peak at 0.35 (two borderline START patients). Re-uses reworded with little shared
+# vocabulary score 0.06-0.30, among unrelated pairs (v1's pet owner asking whether the public
+# shelter takes her animals, valid:8 vs train:215, scored 0.26): those still need a reader.
+SCENARIO_SIMILARITY = 0.38
+# Answers talk about the emergency, not about how a fact was found ("I've only seen that in a
+# secondary copy"): sources belong in `sources`. Matched case-insensitively in assistant content
+# and thinking. Collected from every variant in emergency_relief v1 (115 hits in 76 examples);
+# "secondary data" (MIRA's term) and "second-hand clothes" are not reading history.
+_READING_HISTORY = (
+    # second-hand and secondary copies
+    r"second[- ]?hand\b(?! (?:clothes|clothing|goods|items|shoes|furniture))",
+    r"\bsecondary (?:cop(?:y|ies)|sources?|figures?|summar(?:y|ies)|listings?|references?)\b",
+    r"\(secondary\b", r",\s*secondary\)", r"\(both secondary\)",
+    r"\b(?:figures?|numbers?|sizes?|ranges?|values?) (?:is|are) secondary\b",
+    r"\bthird[- ]party cop(?:y|ies)\b",
+    # whose notes
+    r"\bmy (?:own )?(?:sources|references|notes)\b", r"\bour references\b",
+    # seen, quoted, cited, summarised by someone else
+    r"\bI'?ve (?:only )?seen (?:it |that |them |this )?(?:only )?(?:quoted|cited)\b",
+    r"\bI'?m (?:citing|quoting) (?:it|that|this)\b",
+    r"\b(?:via|(?:as )?(?:quoted|cited|summari[sz]ed|given) in) (?:FEMA|Sphere|WHO|CDC|UNHCR|OCHA|IASC|INSARAG)\b",
+    r"\bsummari[sz]ed from\b",
+    # hedging on one's own sources instead of stating the fact or naming the document
+    r"\bas far as I'?m aware\b", r"\bverify in current guidance\b",
+    r"\b(?:couldn'?t|could not|can'?t|cannot) confirm (?:the|these|those|that) (?:new )?"
+    r"(?:figures?|numbers?|claims?|ranges?|values?)\b",
+    r"\bis reported to (?:set|say|give)\b", r"\breportedly (?:changed|says|sets|gives)\b",
+    r"\b(?:figures?|numbers?|sources?) I (?:can|could) (?:cite|stand behind)\b",
+    r"\bI'?d stand behind\b", r"\bso I can cite\b",
+)
+READING_HISTORY = re.compile("|".join(_READING_HISTORY), re.IGNORECASE)
 
 
 @dataclass
@@ -63,6 +104,9 @@ class SplitReport:
     dropped: int
     trained_tokens: int
     without_sources: int
+    multi_turn: int  # chat examples with two or more user turns
+    with_thinking: int  # chat examples with an assistant `thinking` (analysis channel)
+    scored: int  # examples carrying key_facts
 
 
 @dataclass
@@ -159,8 +203,12 @@ def _answer(record: Record) -> str:
     return record.messages[-1]["content"]
 
 
+def _user_text(record: Record) -> str:
+    return " ".join(m["content"] for m in record.messages if m["role"] == "user")
+
+
 def _prompt(record: Record) -> str:
-    return _normalize(" ".join(m["content"] for m in record.messages if m["role"] == "user"))
+    return _normalize(_user_text(record))
 
 
 def _exact_duplicates(records: list[Record]) -> list[Finding]:
@@ -196,6 +244,128 @@ def _near_duplicates(records: list[Record]) -> list[Finding]:
         leak = a.split != b.split
         kind = "near-duplicate answers in two splits" if leak else "near-duplicate answers"
         findings.append(Finding(kind, [a.where, b.where], f"Jaccard {similarity:.2f}", leak))
+    return findings
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+_NUMBER = re.compile(r"(\d[\d,]*(?:\.\d+)?)\s*(%|[^\W\d_][\w/²]*)?")
+_WORD = re.compile(r"[^\W\d_][\w'-]+")
+_UNITS = {
+    "l": "l", "litre": "l", "litres": "l", "liter": "l", "liters": "l", "m²": "m2", "m2": "m2",
+    "sq": "sq ft", "square": "sq ft", "ft": "ft", "feet": "ft", "cm": "cm", "mm": "mm", "m": "m",
+    "km": "km", "kcal": "kcal", "mg/l": "mg/l", "%": "%", "percent": "%", "minutes": "min",
+    "hours": "h", "days": "d", "weeks": "wk", "months": "mo", "years": "y", "gallons": "gal",
+}
+_STOPWORDS = frozenset(
+    "about after again also another anyone anything around because been before being below "
+    "between both could does doing during each even every from have having here into just know "
+    "like many more most much must need needs only other over really said same should since some "
+    "someone something still such than that their them then there these they thing this those "
+    "through under until very want what when where which while will with without would your "
+    "yours right what's it's that's there's i'm i've we're they're you're don't can't won't "
+    "isn't aren't doesn't didn't shouldn't".split()
+)
+
+
+def scenario_features(text: str) -> Counter:
+    """Numbers with their unit, acronyms and lower-case content words (crudely singular).
+
+    Capitalised words (places, people, organisations) are skipped, so that a scenario moved to
+    another country keeps its features; all-capital acronyms (EOC, MUAC) are kept.
+    """
+    features: Counter = Counter()
+    for m in _NUMBER.finditer(text):
+        unit = _UNITS.get((m.group(2) or "").lower(), m.group(2) or "")
+        number = m.group(1).replace(",", "")
+        if unit or len(number) > 2:  # a bare 1 or 12 says little about the scenario
+            features[f"{number} {unit.lower()}".strip()] += 1
+    for word in _WORD.findall(text):
+        if word.isupper() and len(word) > 1:
+            features[word] += 1
+        elif word[0].islower() and len(word) > 3 and word not in _STOPWORDS:
+            singular = word[:-1] if word.endswith("s") and not word.endswith("ss") else word
+            features[singular] += 1
+    return features
+
+
+def scenario_pairs(
+    texts: list[str], groups: list[str], threshold: float = SCENARIO_SIMILARITY
+) -> list[tuple[int, int, float, list[str]]]:
+    """Pairs (i, j, cosine, shared features) from different groups whose scenario features'
+    tf-idf cosine (smoothed idf over `texts`) is >= threshold; shared features by weight."""
+    counts = [scenario_features(t) for t in texts]
+    vocab = sorted({f for c in counts for f in c})
+    if len(texts) < 2 or not vocab:
+        return []
+    index = {f: k for k, f in enumerate(vocab)}
+    tf = np.zeros((len(texts), len(vocab)), np.float32)  # (N, V)
+    for row, c in enumerate(counts):
+        for f, n in c.items():
+            tf[row, index[f]] = 1 + np.log(n)
+    idf = np.log((1 + len(texts)) / (1 + (tf > 0).sum(axis=0))) + 1  # (V,)
+    weights = tf * idf
+    weights /= np.maximum(np.linalg.norm(weights, axis=1, keepdims=True), 1e-12)
+    cosine = weights @ weights.T  # (N, N)
+    pairs = []
+    for i, j in zip(*np.nonzero(np.triu(cosine >= threshold, k=1)), strict=True):
+        if groups[i] != groups[j]:
+            shared = np.nonzero((weights[i] > 0) & (weights[j] > 0))[0]
+            top = shared[np.argsort(-(weights[i] * weights[j])[shared])][:8]
+            pairs.append((int(i), int(j), round(float(cosine[i, j]), 3), [vocab[k] for k in top]))
+    return pairs
+
+
+def _scenario_leaks(records: list[Record]) -> list[Finding]:
+    chat = [r for r in records if r.format != "text"]
+    pairs = scenario_pairs([_user_text(r) for r in chat], [r.split for r in chat])
+    return [
+        Finding(
+            "same scenario in two splits",
+            [chat[i].where, chat[j].where],
+            f"similarity {similarity:.2f}; shared: {', '.join(shared)}",
+            True,
+        )
+        for i, j, similarity, shared in pairs
+    ]
+
+
+# ---------------------------------------------------------------- answers and scoring fields
+
+
+def _reading_history(records: list[Record]) -> list[Finding]:
+    findings = []
+    for r in records:
+        for n, message in enumerate(r.messages, start=1):
+            if message["role"] != "assistant":
+                continue
+            for part in ("content", "thinking"):
+                for m in READING_HISTORY.finditer(message.get(part) or ""):
+                    detail = f"message {n} {part}: {m.group(0)!r}; state the fact, cite it in sources"
+                    findings.append(Finding("reading-history phrase in an answer", [r.where], detail, True))
+    return findings
+
+
+def _scoring_findings(data: Dataset) -> list[Finding]:
+    findings = []
+    for split, records in data.splits.items():
+        chat = [r for r in records if r.format != "text"]
+        for r in chat:
+            for problem in scoring_problems(r.key_facts, r.must_not, r.rubric):
+                findings.append(Finding("bad scoring field", [r.where], problem, True))
+        scored = [r for r in chat if r.key_facts is not None]
+        if scored:
+            findings += [
+                Finding(
+                    "unscored item in a scored split",
+                    [r.where],
+                    f"{len(scored)} of {len(chat)} {split} items carry key_facts; add them here too",
+                    True,
+                )
+                for r in chat
+                if r.key_facts is None
+            ]
     return findings
 
 
@@ -236,6 +406,9 @@ def _split_report(
         dropped=counts["dropped"],
         trained_tokens=counts["trained_tokens"],
         without_sources=sum(not r.sources for r in chat),
+        multi_turn=sum(sum(m["role"] == "user" for m in r.messages) > 1 for r in chat),
+        with_thinking=sum(any(m.get("thinking") for m in r.messages) for r in chat),
+        scored=sum(r.key_facts is not None for r in records),
     )
 
 
@@ -264,6 +437,9 @@ def check_dataset(
         *_exact_duplicates(records),
         *_prompt_leaks(records),
         *_near_duplicates(records),
+        *_scenario_leaks(records),
+        *_reading_history(records),
+        *_scoring_findings(data),
         *findings,
     ]
     findings += [
@@ -284,13 +460,15 @@ def _header_lines(report: CheckReport) -> list[str]:
         f"dataset {report.path} ({', '.join(report.formats) or 'empty'}; "
         f"max_length {report.max_length}; mask {report.mask_mode})",
         f"{'split':<16}{'examples':>9}  {'tokens min/median/p95/max':<26}"
-        f"{'> max':>6}{'shortened':>10}{'dropped':>8}{'trained tok':>12}",
+        f"{'> max':>6}{'shortened':>10}{'dropped':>8}{'trained tok':>12}"
+        f"{'multi-turn':>11}{'thinking':>9}{'scored':>7}",
     ]
     for s in report.splits:
         stats = f"{s.length_min}/{s.length_median:.0f}/{s.length_p95:.0f}/{s.length_max}"
         lines.append(
             f"{s.name:<16}{s.examples:>9}  {stats:<26}{s.over_max_length:>6}"
             f"{s.turns_dropped + s.truncated:>10}{s.dropped:>8}{s.trained_tokens:>12}"
+            f"{s.multi_turn:>11}{s.with_thinking:>9}{s.scored:>7}"
         )
     return lines
 

@@ -10,8 +10,10 @@ Where data comes from (`load_dataset`):
 
 Formats (one per file; other keys on a line are ignored):
 - chat: `{"messages": [{"role", "content", "thinking"?}, ...], "category"?: str,
-  "sources"?: [str]}`; roles system (first only), developer, user, assistant; the last message
-  is the assistant's;
+  "sources"?: [str], "key_facts"?: [...], "must_not"?: [...], "rubric"?: [str]}`; roles system
+  (first only), developer, user, assistant; the last message is the assistant's. The scoring
+  fields (schema: datasets/emergency_relief/README.md, checked by `relief data check`) are kept
+  as given on the Record for an evaluator;
 - completions: `{"prompt": str, "completion": str}`: one user and one assistant message;
 - text: `{"text": str}`: plain tokens plus `<|endoftext|>`, every token trained, no Harmony.
 
@@ -33,14 +35,16 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .. import bundled
 from ..errors import ReliefError
+from ..recipe import DataSection
 from .harmony import (
     PAD,
     HarmonyTokenizer,
@@ -53,9 +57,8 @@ from .harmony import (
 
 SPLITS = ("train", "valid", "test")
 FORMATS = ("chat", "completions", "text")
-# The recipe's DataSection defaults: gpt-oss's release date as a fixed `Current date:` keeps
-# training tokens reproducible.
-TRAINING_OPTIONS = RenderOptions(reasoning_effort="low", current_date="2025-08-05")
+# The recipe's defaults (a fixed `Current date:` keeps training tokens reproducible).
+TRAINING_OPTIONS = RenderOptions.of(DataSection())
 _REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _FIX = "fix the line or pass --skip-invalid to skip bad lines"
 
@@ -72,6 +75,10 @@ class Record:
     text: str | None = None  # text format only
     category: str | None = None
     sources: tuple[str, ...] = ()
+    # Scoring fields of test items, as in the file (lists of dicts / str; validated by the check).
+    key_facts: Any = None
+    must_not: Any = None
+    rubric: Any = None
 
     @property
     def where(self) -> str:
@@ -133,7 +140,10 @@ def _record(file: Path, line: int, split: str, fmt: str, obj: dict) -> Record:
     if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
         raise ValueError("has `sources` that is not a list of strings")
     messages = obj.get("messages", []) if fmt != "text" else []
-    return Record(str(file), line, split, fmt, messages, obj.get("text"), category, tuple(sources))
+    scoring = {k: obj.get(k) for k in ("key_facts", "must_not", "rubric")}
+    return Record(
+        str(file), line, split, fmt, messages, obj.get("text"), category, tuple(sources), **scoring
+    )
 
 
 def read_jsonl(path: str | Path, split: str, skip_invalid: bool = False) -> Dataset:
@@ -171,13 +181,13 @@ def _split_files(folder: Path) -> dict[str, Path]:
 
 
 def _resolve(path: str | Path) -> Path:
-    local = Path(path)
+    local = bundled.resolve("datasets", path)  # a bundled name when no such path exists
     if local.exists():
         return local
     if not _REPO_ID.fullmatch(str(path)):
         raise ReliefError(
-            f"{path} does not exist; pass a .jsonl file, a folder with train/valid/test.jsonl "
-            "or a Hub dataset id like owner/name"
+            f"{path} does not exist; pass a .jsonl file, a folder with train/valid/test.jsonl, "
+            f"a bundled dataset ({', '.join(bundled.names('datasets'))}) or a Hub dataset id like owner/name"
         )
     from huggingface_hub import snapshot_download
 
@@ -305,27 +315,19 @@ def tokenize(
     return out
 
 
-def load_tokenized(
-    path: str | Path,
-    max_length: int,
-    options: RenderOptions = TRAINING_OPTIONS,
-    mask_mode: str = "final",
-    tokenizer: Any = None,
-    skip_invalid: bool = False,
-) -> dict[str, Tokenized]:
-    """`load_dataset` then `tokenize` every split: what a trainer needs from a recipe's data."""
-    data = load_dataset(path, skip_invalid)
-    tok = resolve_tokenizer(tokenizer)
-    return {
-        split: tokenize(records, max_length, options, mask_mode, tok)
-        for split, records in data.splits.items()
-    }
-
-
 # ---------------------------------------------------------------- batching
 
 
-def _pad(batch: Sequence[Example], pad_multiple: int) -> tuple[np.ndarray, np.ndarray]:
+def pad_batch(batch: Sequence[Example], pad_multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """`(tokens, mask)` of examples padded to one width: tokens (B, T) int32 padded with
+    <|endoftext|>, mask (B, T) bool, True on trained targets (padding False).
+
+    Inputs are `tokens[:, :-1]`, targets `tokens[:, 1:]` weighted by `mask[:, 1:]`; normalize the
+    loss by `mask[:, 1:].sum()`. T is the longest example rounded up to `pad_multiple`. Which
+    examples share a batch is the trainer's choice (`relief_mlx.train.data.epoch_order`).
+    """
+    if not batch:
+        raise ReliefError("no examples to batch; check the dataset with `relief data check`")
     longest = max(len(e.tokens) for e in batch)
     width = -(-longest // pad_multiple) * pad_multiple
     tokens = np.full((len(batch), width), PAD, np.int32)  # (B, T)
@@ -334,54 +336,3 @@ def _pad(batch: Sequence[Example], pad_multiple: int) -> tuple[np.ndarray, np.nd
         tokens[row, : len(e.tokens)] = e.tokens
         mask[row, : len(e.mask)] = e.mask
     return tokens, mask
-
-
-def _batch_order(
-    lengths: np.ndarray, batch_size: int, rng: np.random.Generator | None
-) -> list[np.ndarray]:
-    if rng is None:
-        order = np.arange(len(lengths))
-        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    # Batch neighbours in length (less padding); shuffling first varies ties between epochs.
-    perm = rng.permutation(len(lengths))
-    order = perm[np.argsort(lengths[perm], kind="stable")]
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
-def iterate_batches(
-    examples: Sequence[Example],
-    batch_size: int,
-    max_length: int,
-    seed: int = 0,
-    epochs: int | None = 1,
-    shuffle: bool = True,
-    drop_last: bool = False,
-    pad_multiple: int = 8,
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield padded `(tokens, mask)` batches: tokens (B, T) int32 padded with <|endoftext|>,
-    mask (B, T) bool, True on trained targets (padding False).
-
-    Inputs are `tokens[:, :-1]`, targets `tokens[:, 1:]` weighted by `mask[:, 1:]`; normalize the
-    loss by `mask[:, 1:].sum()`. T is the longest example rounded up to `pad_multiple`.
-    `epochs=None` loops forever; with `shuffle`, examples of similar length share a batch and the
-    batch order is reshuffled every epoch from `seed`; without it, batches follow file order.
-    """
-    if not examples:
-        raise ReliefError("no examples to batch; check the dataset with `relief data check`")
-    lengths = np.array([len(e.tokens) for e in examples])
-    if lengths.max() > max_length:
-        raise ValueError(f"an example has {lengths.max()} tokens > max_length {max_length}")
-    if drop_last and len(examples) < batch_size:
-        raise ReliefError(
-            f"{len(examples)} examples are fewer than batch_size {batch_size}; lower batch_size"
-        )
-    epoch = 0
-    while epochs is None or epoch < epochs:
-        rng = np.random.default_rng([seed, epoch]) if shuffle else None
-        for idx in _batch_order(lengths, batch_size, rng):
-            if drop_last and len(idx) < batch_size:
-                continue
-            yield _pad([examples[i] for i in idx], pad_multiple)
-        epoch += 1

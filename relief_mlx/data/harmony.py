@@ -1,4 +1,5 @@
-"""Harmony rendering: conversations -> token ids + a per-token training mask, and back.
+"""Harmony rendering: conversations -> token ids + a per-token training mask (parsing generated
+tokens back into messages is `relief_mlx.generate.harmony_stream`).
 
 A message renders as `<|start|>{role}[<|channel|>{channel}]<|message|>{content}{closer}`. Text
 pieces go through the tokenizer's plain encode (text that looks like `<|end|>` stays text, as in
@@ -35,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from ..choices import MASK_MODES, REASONING_EFFORTS
 from ..errors import ReliefError
 
 # Special ids of o200k_harmony (relief_mlx.checkpoint.tokenizer writes the same table).
@@ -59,9 +61,7 @@ KNOWLEDGE_CUTOFF = "2024-06"
 VALID_CHANNELS = (
     "# Valid channels: analysis, commentary, final. Channel must be included for every message."
 )
-REASONING_EFFORTS = ("low", "medium", "high")
 ROLES = ("system", "developer", "user", "assistant")
-MASK_MODES = ("final", "last", "final+analysis", "all")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
@@ -86,6 +86,11 @@ class RenderOptions:
             raise ReliefError(
                 f"current_date {self.current_date!r} is not YYYY-MM-DD; write it like 2025-06-01"
             )
+
+    @classmethod
+    def of(cls, data: Any) -> RenderOptions:
+        """The options a recipe's `[data]` section (`relief_mlx.recipe.DataSection`) renders with."""
+        return cls(reasoning_effort=data.reasoning_effort, current_date=data.current_date)
 
     def date(self) -> str:
         return self.current_date or datetime.date.today().isoformat()
@@ -344,50 +349,15 @@ def render_prompt(messages: list[dict], options: RenderOptions, tokenizer: Any =
     return [*ids, START, *tok.encode("assistant")]
 
 
-# ---------------------------------------------------------------- parsing
+# ---------------------------------------------------------------- parsed messages
 
 
 @dataclass(frozen=True)
 class ParsedMessage:
-    """One message parsed from generated tokens."""
+    """One message parsed from generated tokens (by `relief_mlx.generate.harmony_stream`)."""
 
     role: str
     channel: str | None
     content: str
     recipient: str | None = None
     complete: bool = True  # False when generation stopped before the closer
-
-
-def parse_completion(tokens: Sequence[int], tokenizer: Any = None) -> list[ParsedMessage]:
-    """Parse what the model generated after a `render_prompt` prompt (which ended in
-    `<|start|>assistant`) into messages; a trailing unfinished message has complete=False."""
-    tok = resolve_tokenizer(tokenizer)
-    messages: list[ParsedMessage] = []
-    header, body, in_body = tok.encode("assistant"), [], False  # the prompt opened message 1
-    for t in tokens:
-        if t == MESSAGE and not in_body:
-            in_body = True
-        elif t in (END, RETURN, CALL) and in_body:
-            messages.append(_parsed(tok, header, body, complete=True))
-            header, body, in_body = [], [], False
-        elif t == START:
-            header, body, in_body = [], [], False
-        elif in_body:
-            body.append(t)
-        else:
-            header.append(t)
-    if in_body:
-        messages.append(_parsed(tok, header, body, complete=False))
-    return messages
-
-
-def _parsed(
-    tok: HarmonyTokenizer, header: list[int], body: list[int], complete: bool
-) -> ParsedMessage:
-    # Header: "role[ to=recipient]" then optionally <|channel|>"channel[ to=recipient]".
-    head, _, chan = tok.decode([t for t in header if t != CONSTRAIN]).partition("<|channel|>")
-    words = (head + " " + chan).split()
-    recipient = next((w[3:] for w in words if w.startswith("to=")), None)
-    role = head.split()[0] if head.split() else "assistant"
-    channel = chan.split()[0] if chan.split() else None
-    return ParsedMessage(role, channel, tok.decode(body), recipient, complete)

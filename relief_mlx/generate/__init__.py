@@ -1,11 +1,12 @@
 """Generation: the token loop (`loop`), sampling, Harmony stream parsing, MoE routing telemetry,
 and the answer/chat/batch layers the `relief generate` and `relief chat` commands call."""
 
-from .engine import Answer, Engine, GenerateConfig, answer, complete
+from .engine import Answer, AnswerStream, Engine, GenerateConfig, answer, complete
 from .harmony_stream import Delta, HarmonyStream
-from .loop import Step, generate_tokens
+from .loop import BatchDecoder, PromptCache, Step, generate_tokens
 from .moe import RoutingError, RoutingProbe, RoutingReport
 from .sampling import SamplingConfig
 
-__all__ = ["Answer", "Delta", "Engine", "GenerateConfig", "HarmonyStream", "RoutingError", "RoutingProbe",
-           "RoutingReport", "SamplingConfig", "Step", "answer", "complete", "generate_tokens"]
+__all__ = ["Answer", "AnswerStream", "BatchDecoder", "Delta", "Engine", "GenerateConfig", "HarmonyStream",
+           "PromptCache", "RoutingError", "RoutingProbe", "RoutingReport", "SamplingConfig", "Step", "answer",
+           "complete", "generate_tokens"]

@@ -5,30 +5,31 @@ with optional `"system"` (with "prompt") and `"id"`. Each output line answers th
 of the same number (`"line"`, `"id"`, then `Answer.to_dict()`), or says why it could not
 (`"error"`); a bad line never stops the others.
 
-Good lines are rendered and gathered in input order; every `batch_size` of them are decoded
-together by `generate_batch` (one forward pass per step for the whole group), each row until
-its `<|return|>` or `<|call|>`, its max tokens or the end of the context, then parsed by its own
-`HarmonyStream`. A group of one goes through `engine.complete`, exactly as a single prompt does.
-`--moe-stats` and `--check-routing` watch one sequence, so they make every group one. A batched
-answer's prefill and decode tokens/s are its group's: all the group's tokens over its time.
-Records and `on_answer` calls follow input order.
+Good lines are rendered, then decoded `batch_size` at a time by a `BatchDecoder` (continuous
+batching: one forward pass per step for every row; when a row ends, the next line joins at the
+next step, so a long answer never holds the others back). Each row's steps go to its own
+`AnswerStream`, which parses them and applies the same stop rule as a single prompt. With
+`batch_size` 1 each line goes through `engine.complete`, exactly as a single prompt does;
+`--moe-stats` and `--check-routing` watch one sequence, so they make it 1. A batched answer's
+prefill tokens/s count from its line's turn to join (waiting included), its decode tokens/s are
+the rate its own tokens arrived at. Records and `on_answer` calls follow input order.
+`answer_prompts` is the same decoding for rendered prompts held in memory (what `relief eval`
+answers with).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 
-from ..data.harmony import STOP_IDS
 from ..errors import ReliefError
 from ..io import atomic_path
-from .engine import Answer, Engine, GenerateConfig, check_context, complete, finish_reason
-from .harmony_stream import parse_tokens
-from .loop import Step, generate_batch
+from .engine import Answer, AnswerStream, Engine, GenerateConfig, check_context, complete
+from .loop import BatchDecoder
 
 OnAnswer = Callable[[int, Answer | None, str | None], None]
 
@@ -90,28 +91,42 @@ def answer_file(engine: Engine, prompts: str | Path, out: str | Path, config: Ge
         lines = prompts.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise ReliefError(f"cannot read {prompts} ({e}); pass a UTF-8 JSONL file") from e
-    result = BatchResult(Path(out))
-    requests: list[_Request] = []
-    waiting: list[_Request] = []  # rendered, not answered yet
-    reported = 0  # requests[:reported] went to on_answer
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        request = _read(engine, number, line, config)
-        requests.append(request)
-        if request.error is None:
-            waiting.append(request)
-        if len(waiting) == batch_size:
-            _answer(engine, waiting, config)
-            waiting, reported = [], _report(requests, reported, result, on_answer)
+    requests = [_read(engine, number, line, config) for number, line in enumerate(lines, start=1) if line.strip()]
     if not requests:
         raise ReliefError(f"{prompts} holds no prompts; write one JSON object per line")
-    _answer(engine, waiting, config)
-    _report(requests, reported, result, on_answer)
+    result, reported = BatchResult(Path(out)), 0  # requests[:reported] went to on_answer
+
+    def report() -> None:
+        nonlocal reported
+        reported = _report(requests, reported, result, on_answer)
+
+    good = [r for r in requests if r.error is None]
+    report()  # leading bad lines
+    if batch_size == 1:
+        for request in good:
+            try:
+                request.answer = complete(engine, request.prompt, config)
+            except ReliefError as e:
+                request.error = str(e)
+            report()
+    else:
+        for _ in _answer_together(engine, good, config, batch_size):
+            report()
     with atomic_path(out) as tmp:
         tmp.write_text("".join(json.dumps(r.record(), ensure_ascii=False) + "\n" for r in requests),
                        encoding="utf-8")
     return result
+
+
+def answer_prompts(engine: Engine, prompts: Sequence[Sequence[int]], config: GenerateConfig,
+                   batch_size: int = 8) -> Iterator[tuple[int, Answer]]:
+    """Answer rendered prompts (`engine.render` ids), `batch_size` decoded together; yield
+    (index in `prompts`, answer) as each answer is done. A prompt too long for the context raises."""
+    requests = [_Request(i, prompt=list(p)) for i, p in enumerate(prompts)]
+    for request in requests:
+        check_context(len(request.prompt), engine.context_length)
+    for request in _answer_together(engine, requests, config, batch_size):
+        yield request.line, request.answer
 
 
 def _read(engine: Engine, number: int, line: str, config: GenerateConfig) -> _Request:
@@ -126,53 +141,44 @@ def _read(engine: Engine, number: int, line: str, config: GenerateConfig) -> _Re
     return request
 
 
-def _answer(engine: Engine, requests: list[_Request], config: GenerateConfig) -> None:
-    """Fill in the answers of `requests`: one alone by `complete`, more together."""
-    if len(requests) == 1:
-        try:
-            requests[0].answer = complete(engine, requests[0].prompt, config)
-        except ReliefError as e:
-            requests[0].error = str(e)
-    elif requests:
-        _answer_together(engine, requests, config)
-
-
-def _answer_together(engine: Engine, requests: list[_Request], config: GenerateConfig) -> None:
-    """Decode `requests` as one batch, each row until a stop token, `max_tokens` or the context's end."""
-    prompts = [r.prompt for r in requests]
-    limits = [min(config.max_tokens, engine.context_length - len(p)) for p in prompts]
-    generated: list[list[Step]] = [[] for _ in requests]
+def _answer_together(engine: Engine, requests: list[_Request], config: GenerateConfig,
+                     batch_size: int) -> Iterator[_Request]:
+    """Answer `requests` with up to `batch_size` rows decoding at once, each until the stop rule,
+    `max_tokens` or the context's end; a finished row's place goes to the next request. Yields
+    each request as its answer is done."""
+    decoder = BatchDecoder(engine.model, logprobs=config.logprobs, prefill_chunk=config.prefill_chunk)
+    todo, live = iter(requests), {}  # row id -> (request, its AnswerStream)
     mx.reset_peak_memory()
-    for steps in generate_batch(engine.model, prompts, max_tokens=limits, stop_tokens=STOP_IDS,
-                                sampling=config.sampling, logprobs=config.logprobs,
-                                prefill_chunk=config.prefill_chunk):
-        for row, step in steps.items():
-            generated[row].append(step)
-    peak_gb = mx.get_peak_memory() / 1e9
-    last = [row[-1] for row in generated]
-    prefill_s, decode_s = last[0].prefill_s, max(s.decode_s for s in last)  # every row's first step is the same
-    prefill_tps = sum(map(len, prompts)) / prefill_s if prefill_s > 0 else 0.0
-    decode_tps = sum(s.n - 1 for s in last) / decode_s if decode_s > 0 else 0.0
-    for request, steps, limit in zip(requests, generated, limits, strict=True):
-        tokens = [s.token for s in steps]
-        stream = parse_tokens(tokens, engine.harmony.decode)
-        request.answer = Answer(
-            final=stream.text("final"), analysis=stream.text("analysis"), commentary=stream.text("commentary"),
-            messages=stream.messages, tokens=tokens,
-            logprobs=[s.logprob for s in steps] if config.logprobs else None,
-            finish_reason=finish_reason(tokens, limit, config.max_tokens), prompt_tokens=len(request.prompt),
-            prefill_tps=prefill_tps, decode_tps=decode_tps, peak_memory_gb=peak_gb,
-        )
+    while True:
+        while len(decoder) < batch_size and (request := next(todo, None)) is not None:
+            limit = min(config.max_tokens, engine.context_length - len(request.prompt))
+            row = decoder.add(request.prompt, max_tokens=limit, sampling=config.sampling)
+            live[row] = request, AnswerStream(engine, limit, config.logprobs)
+        if not len(decoder):
+            return
+        for row, step in decoder.step().items():
+            request, stream = live[row]
+            stream.feed(step)
+            if stream.done:
+                decoder.remove(row)
+                stream.close()
+                request.answer = stream.answer(config.max_tokens, len(request.prompt), step.prefill_tps,
+                                               step.decode_tps)
+                del live[row]
+                yield request
 
 
 def _report(requests: list[_Request], start: int, result: BatchResult, on_answer: OnAnswer | None) -> int:
-    """Count `requests[start:]`, all finished, into `result`, tell `on_answer` about each, and
-    return how many requests are reported now."""
+    """Count the finished requests from `requests[start]` on, up to the first unfinished one, into
+    `result`, tell `on_answer` about each, and return how many requests are reported now."""
     for request in requests[start:]:
+        if request.answer is None and request.error is None:
+            return start
+        start += 1
         if request.error is None:
             result.answered += 1
         else:
             result.failed.append((request.line, request.error))
         if on_answer is not None:
             on_answer(request.line, request.answer, request.error)
-    return len(requests)
+    return start

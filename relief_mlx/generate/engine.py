@@ -1,11 +1,14 @@
 """A loaded model answering Harmony conversations: the layer between the token loop and the CLI.
 
-`Engine.load(model, adapter)` loads the checkpoint (and a LoRA adapter) once; `answer(engine,
-messages, config)` renders the conversation, runs `generate_tokens`, stops on `<|return|>` or
-`<|call|>`, feeds every token to a `HarmonyStream` and returns an `Answer` (final text,
-reasoning, timings, optional routing report). Text reaches the caller through `on_delta` as it
-is parsed, and (Harmony tokens included) through `on_text` as it is decoded; this module prints
-nothing.
+`Engine.load(model, adapter)` loads the checkpoint (and a LoRA adapter) once, with the Harmony
+tokenizer read straight from its tokenizer.json; `answer(engine, messages, config)` renders the
+conversation, runs `generate_tokens` and feeds every token to an `AnswerStream`, which parses it
+(`HarmonyStream`), applies the stop rule (`<|return|>`, `<|call|>`, `<|end|>` closing a final
+message, the checkpoint's `eos_token_id`) and builds the `Answer` (final text, reasoning,
+timings, optional routing report). The batched paths (`batch.py`, the server) feed their rows'
+steps to `AnswerStream`s too, so every path stops and parses the same way. Text reaches the
+caller through `on_delta` as it is parsed, and (Harmony tokens included) through `on_text` as it
+is decoded; this module prints nothing.
 
 Prompt caching. A chat's prompt for turn k+1 starts with the prompt of turn k: the history
 only grows, and the answer enters it as `<|channel|>final<|message|>...<|end|>` right after
@@ -13,13 +16,8 @@ the `assistant` that ended turn k's prompt. So `complete` feeds the prompt (but 
 token) into fresh caches in chunks, keeps a `PromptCache` snapshot of them, then generates,
 and the next prompt that starts with the snapshot's tokens restores it and prefills only the
 tokens after them. Any other prompt (a new system message after /reasoning, a new date, a
-reset conversation) starts from empty caches: nothing but an exact prefix is ever reused. A
-snapshot, not `trim`, because the sliding-window layers' 128-token `RotatingKVCache` has
-overwritten what trimming would need once a conversation is longer than the window. The
-snapshot holds each cache's `state` (K/V buffers, offset and, for the rotating cache, its
-write index) through new array handles: the caches write K/V in place (`keys[..., i:j, :] =
-x`), which rebinds the handle it is called on, while MLX copies a buffer on write when another
-array still holds it, so the snapshot never sees what is generated after it.
+reset conversation) starts from empty caches: nothing but an exact prefix is ever reused (see
+`loop.PromptCache` for why snapshots and not `trim`).
 """
 
 from __future__ import annotations
@@ -36,13 +34,16 @@ from typing import Any
 import mlx.core as mx
 
 from .. import hub
-from ..data.harmony import CALL, RETURN, STOP_IDS, HarmonyTokenizer, ParsedMessage, RenderOptions, render_prompt
+from ..data.harmony import CALL, START, HarmonyTokenizer, ParsedMessage, RenderOptions, render_prompt
 from ..errors import ReliefError
 from ..model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .harmony_stream import Delta, HarmonyStream, TextStream
-from .loop import DEFAULT_PREFILL_CHUNK, feed, generate_tokens
+from .loop import DEFAULT_PREFILL_CHUNK, PromptCache, Step, feed, generate_tokens
 from .moe import RoutingProbe, RoutingReport
 from .sampling import SamplingConfig
+
+__all__ = ["Answer", "AnswerStream", "Engine", "GenerateConfig", "PromptCache", "adapter_folder", "answer",
+           "check_context", "complete", "stop_ids"]
 
 DEFAULT_CONTEXT = 131_072  # gpt-oss's max_position_embeddings, when config.json has none
 
@@ -87,7 +88,8 @@ class Answer:
     """Generated ids, the stop token included."""
     logprobs: list[float] | None
     finish_reason: str
-    """stop (<|return|>), call (<|call|>), length (max_tokens) or context (context full)."""
+    """stop (<|return|>, a final message's <|end|>, an eos id), call (<|call|>), length (max_tokens)
+    or context (context full)."""
     prompt_tokens: int
     """The whole prompt, reused tokens included."""
     prefill_tps: float
@@ -119,34 +121,54 @@ class Answer:
 
 @dataclass
 class Engine:
-    """A model, its tokenizers and its context length, loaded once for many answers."""
+    """A model, its Harmony tokenizer, context length and stop ids, loaded once for many answers."""
 
     model: Any
-    tokenizer: Any
-    """mlx-lm's TokenizerWrapper, as `relief_mlx.load` returns it."""
     harmony: HarmonyTokenizer
     context_length: int = DEFAULT_CONTEXT
+    stop_ids: frozenset[int] = frozenset()
+    """The checkpoint's `eos_token_id`s (config.json and generation_config.json): each ends an answer."""
 
     @classmethod
     def load(cls, model: str | Path, adapter: str | Path | None = None) -> Engine:
-        """Load a converted checkpoint (folder or Hub id) and optionally a LoRA adapter."""
-        from ..model.load import load
+        """Load a converted checkpoint (folder or Hub id) and optionally a LoRA adapter. The
+        tokenizer is read from the folder's tokenizer.json as it is: mlx-lm's wrapper (an HF
+        tokenizer, seconds to build) is never made."""
+        from ..model.load import load_model
 
         path, _ = hub.resolve(model)
-        config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
         with tempfile.TemporaryDirectory(prefix="relief-adapter-") as scratch:
             adapter_dir = adapter_folder(adapter, Path(scratch)) if adapter is not None else None
-            net, tokenizer = load(path, adapter=adapter_dir)
-        return cls.wrap(net, tokenizer, config.get("max_position_embeddings", DEFAULT_CONTEXT))
+            net, config = load_model(path, adapter=adapter_dir)
+        return cls(net, HarmonyTokenizer.from_dir(path), config.get("max_position_embeddings", DEFAULT_CONTEXT),
+                   stop_ids(path))
 
     @classmethod
     def wrap(cls, model: Any, tokenizer: Any, context_length: int = DEFAULT_CONTEXT) -> Engine:
-        """An engine around an already loaded `(model, tokenizer)`."""
-        return cls(model, tokenizer, HarmonyTokenizer.from_any(tokenizer), context_length)
+        """An engine around an already loaded `(model, tokenizer)` (`relief_mlx.load`'s)."""
+        return cls(model, HarmonyTokenizer.from_any(tokenizer), context_length,
+                   frozenset(getattr(tokenizer, "eos_token_ids", ())))
 
     def render(self, messages: list[dict], reasoning: str) -> list[int]:
         """Prompt ids of a conversation: default system message, history, `<|start|>assistant`."""
         return render_prompt(messages, RenderOptions(reasoning_effort=reasoning), self.harmony)
+
+    def head_length(self, prompt: Sequence[int]) -> int:
+        """Tokens of a rendered prompt before its first user message: the system (and developer)
+        messages that many conversations share, worth a prompt-cache snapshot of their own."""
+        user = self.harmony.encode("user")
+        starts = [i for i, t in enumerate(prompt) if t == START and list(prompt[i + 1:i + 1 + len(user)]) == user]
+        return starts[0] if starts else 0
+
+
+def stop_ids(path: Path) -> frozenset[int]:
+    """Every `eos_token_id` of a checkpoint folder's config.json and generation_config.json."""
+    ids: set[int] = set()
+    for name in ("config.json", "generation_config.json"):
+        file = path / name
+        value = json.loads(file.read_text()).get("eos_token_id") if file.is_file() else None
+        ids |= {value} if isinstance(value, int) else set(value or ())
+    return frozenset(ids)
 
 
 def adapter_folder(path: str | Path, scratch: Path) -> Path:
@@ -178,35 +200,60 @@ def adapter_folder(path: str | Path, scratch: Path) -> Path:
     return scratch
 
 
-@dataclass
-class PromptCache:
-    """A snapshot of a model's caches holding `tokens`, for the next prompt that begins with them."""
+class AnswerStream:
+    """One answer as it is generated, whatever produced its steps (one sequence or a batch row):
+    each token goes to a `HarmonyStream`, which holds the stop rule, and its text to `on_delta`
+    (parsed) and `on_text` (raw, Harmony tokens included) as it arrives."""
 
-    tokens: list[int] = field(default_factory=list)
-    states: list[tuple] | None = None
-    """Each layer cache's `state`, through array handles of its own; None until `keep`."""
+    def __init__(self, engine: Engine, max_tokens: int, logprobs: bool = False,
+                 on_delta: Callable[[Delta], None] | None = None, on_text: Callable[[str], None] | None = None):
+        self.harmony = HarmonyStream(engine.harmony.decode, stop_ids=engine.stop_ids)
+        self.max_tokens = max_tokens
+        self.tokens: list[int] = []
+        self.logprobs: list[float | None] | None = [] if logprobs else None
+        self.last: Step | None = None
+        self._text = TextStream(engine.harmony.decode) if on_text is not None else None
+        self._on_delta, self._on_text = on_delta, on_text
 
-    def restore(self, model: Any, prompt: Sequence[int]) -> tuple[list[Any], int]:
-        """Fresh caches of `model`, and how many leading tokens of `prompt` they hold already:
-        all of the snapshot's when they are a prefix of `prompt`, else none."""
-        cache = model.make_cache()
-        if self.states is None or list(prompt[:len(self.tokens)]) != self.tokens:
-            return cache, 0
-        for layer, state in zip(cache, self.states, strict=True):
-            layer.state = _own(state)
-        return cache, len(self.tokens)
+    @property
+    def done(self) -> bool:
+        """True once the stop rule says so or `max_tokens` tokens are in."""
+        return self.harmony.done or len(self.tokens) >= self.max_tokens
 
-    def keep(self, cache: list[Any], tokens: Sequence[int]) -> None:
-        """Take a snapshot of `cache`, which holds `tokens`."""
-        self.tokens, self.states = list(tokens), [_own(layer.state) for layer in cache]
+    def feed(self, step: Step) -> Delta | None:
+        """Take one generated step; return the parsed text it added, if any."""
+        self.last = step
+        self.tokens.append(step.token)
+        if self.logprobs is not None:
+            self.logprobs.append(step.logprob)
+        delta = self.harmony.feed(step.token)
+        _emit(delta, self._on_delta)
+        if self._text is not None:
+            _emit(self._text.feed(step.token), self._on_text)
+        return delta
 
-    def clear(self) -> None:
-        self.tokens, self.states = [], None
+    def close(self) -> Delta | None:
+        """The end of generation: flush held-back text; return the parsed part of it."""
+        delta = self.harmony.finish()
+        _emit(delta, self._on_delta)
+        if self._text is not None:
+            _emit(self._text.finish(), self._on_text)
+        return delta
 
+    def finish_reason(self, asked: int) -> str:
+        """stop or call (the stop rule), else length (`asked` tokens made) or context (it was full)."""
+        if self.harmony.stop_token is not None:
+            return "call" if self.harmony.stop_token == CALL else "stop"
+        return "length" if self.max_tokens == asked else "context"
 
-def _own(state: tuple) -> tuple:
-    """`state` with new handles on the same arrays (`x[:]` shares the buffer, copies nothing)."""
-    return tuple(x[:] if isinstance(x, mx.array) else x for x in state)
+    def answer(self, asked: int, prompt_tokens: int, prefill_tps: float, decode_tps: float,
+               reused_tokens: int = 0, routing: RoutingReport | None = None) -> Answer:
+        h = self.harmony
+        return Answer(final=h.text("final"), analysis=h.text("analysis"), commentary=h.text("commentary"),
+                      messages=h.messages, tokens=self.tokens, logprobs=self.logprobs,
+                      finish_reason=self.finish_reason(asked), prompt_tokens=prompt_tokens, prefill_tps=prefill_tps,
+                      decode_tps=decode_tps, peak_memory_gb=mx.get_peak_memory() / 1e9, routing=routing,
+                      reused_tokens=reused_tokens)
 
 
 def answer(engine: Engine, messages: list[dict], config: GenerateConfig,
@@ -227,13 +274,11 @@ def complete(engine: Engine, prompt: Sequence[int], config: GenerateConfig,
     """
     prompt = list(prompt)
     check_context(len(prompt), engine.context_length)  # the whole prompt: reused tokens fill the context too
-    room = engine.context_length - len(prompt)
-    max_tokens = min(config.max_tokens, room)
+    max_tokens = min(config.max_tokens, engine.context_length - len(prompt))
     # generate_tokens gets the tokens its repetition penalty looks back at (else only the last)
     penalized = config.sampling.repetition_penalty != 1
     split = len(prompt) - min(len(prompt), config.sampling.repetition_context if penalized else 1)
-    stream, text = HarmonyStream(engine.harmony.decode), TextStream(engine.harmony.decode)
-    tokens, logprobs = [], []
+    stream = AnswerStream(engine, max_tokens, config.logprobs, on_delta, on_text)
     mx.reset_peak_memory()
     start = time.perf_counter()
     cache, reused = (prompt_cache.restore(engine.model, prompt[:split]) if prompt_cache is not None
@@ -245,25 +290,15 @@ def complete(engine: Engine, prompt: Sequence[int], config: GenerateConfig,
         fed_s = time.perf_counter() - start
         for step in generate_tokens(engine.model, prompt[split:], max_tokens=max_tokens, sampling=config.sampling,
                                     logprobs=config.logprobs, cache=cache, prefill_chunk=config.prefill_chunk):
-            tokens.append(step.token)
-            logprobs.append(step.logprob)
+            stream.feed(step)
             if probe is not None:
                 probe.collect()  # counts (and checks) the steps that have finished
-            _emit(stream.feed(step.token), on_delta)
-            _emit(text.feed(step.token), on_text)
-            if step.token in STOP_IDS:
+            if stream.done:
                 break
-        _emit(stream.finish(), on_delta)
-        _emit(text.finish(), on_text)
+        stream.close()
         routing = probe.report() if probe is not None else None  # checks the last steps too
-    return Answer(
-        final=stream.text("final"), analysis=stream.text("analysis"), commentary=stream.text("commentary"),
-        messages=stream.messages, tokens=tokens, logprobs=logprobs if config.logprobs else None,
-        finish_reason=finish_reason(tokens, max_tokens, config.max_tokens),
-        prompt_tokens=len(prompt), prefill_tps=(len(prompt) - reused) / (fed_s + step.prefill_s),
-        decode_tps=step.decode_tps, peak_memory_gb=mx.get_peak_memory() / 1e9,
-        routing=routing if config.moe_stats else None, reused_tokens=reused,
-    )
+    return stream.answer(config.max_tokens, len(prompt), (len(prompt) - reused) / (fed_s + step.prefill_s),
+                         step.decode_tps, reused, routing if config.moe_stats else None)
 
 
 @contextlib.contextmanager
@@ -290,12 +325,3 @@ def check_context(prompt_tokens: int, context_length: int) -> None:
     if prompt_tokens >= context_length:
         raise ReliefError(f"the prompt is {prompt_tokens} tokens, the model's context is {context_length}; "
                           "shorten the prompt or the conversation")
-
-
-def finish_reason(tokens: list[int], max_tokens: int, asked: int) -> str:
-    """Why generation ended: stop, call, length (`asked` tokens made) or context (it was full)."""
-    if tokens and tokens[-1] == RETURN:
-        return "stop"
-    if tokens and tokens[-1] == CALL:
-        return "call"
-    return "length" if max_tokens == asked else "context"

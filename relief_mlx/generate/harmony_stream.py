@@ -8,13 +8,18 @@ Header tokens are collected until `<|message|>`, so a channel name split over se
 tokens ("comment" + "ary") is read whole. Body text is detokenized incrementally by a
 `TextStream` (a token that ends inside a UTF-8 character waits for the next one). `<|end|>` closes a message,
 `<|return|>` and `<|call|>` close it and end the answer; `<|start|>` inside a body closes it
-as incomplete. Anything between messages that is not `<|start|>` is ignored. The parser never
-stops generation itself: `done` tells the caller that a stop token arrived.
+as incomplete. Anything between messages that is not `<|start|>` is ignored.
+
+The stop rule lives here, in one place for every caller: the answer is over (`done`) after
+`<|return|>` or `<|call|>`, after an `<|end|>` that closes a final-channel message (what a model
+trained on earlier turns' `final ... <|end|>` emits; Harmony parsers end the answer there too),
+and after any id of the checkpoint's `eos_token_id` (e.g. `<|endoftext|>`), which closes an
+open message. The parser never stops generation itself: `done` tells the caller to.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 from ..data.harmony import CALL, CONSTRAIN, END, MESSAGE, RETURN, START, ParsedMessage
@@ -69,10 +74,13 @@ class _Message:
 class HarmonyStream:
     """Feed generated token ids one by one; read `Delta`s back and `messages` at any time."""
 
-    def __init__(self, decode: Callable[[Sequence[int]], str], role: str = "assistant"):
+    def __init__(self, decode: Callable[[Sequence[int]], str], role: str = "assistant",
+                 stop_ids: Collection[int] = ()):
         """`decode` turns token ids into text (special tokens included); `role` is the role the
-        prompt already opened (`<|start|>assistant`)."""
+        prompt already opened (`<|start|>assistant`); `stop_ids` end the answer too (the
+        checkpoint's `eos_token_id`)."""
         self._decode = decode
+        self._stop_ids = frozenset(stop_ids) - {END, START}
         self._done: list[ParsedMessage] = []
         self._current: _Message | None = self._new()
         self._prefix_role: str | None = role  # the first header's role is in the prompt
@@ -81,18 +89,25 @@ class HarmonyStream:
 
     @property
     def done(self) -> bool:
-        """True once `<|return|>` or `<|call|>` arrived."""
+        """True once the answer is over: `<|return|>`, `<|call|>`, `<|end|>` closing a final
+        message, or a stop id arrived (`stop_token` says which)."""
         return self.stop_token is not None
+
+    @property
+    def channel(self) -> str | None:
+        """The channel of the message body being read, or None between messages and in headers."""
+        return self._current.channel if self._current is not None and self._in_body else None
 
     def feed(self, token: int) -> Delta | None:
         """Take one token; return the text it added to a message body, if any."""
         if self.done:
             return None
-        if token in (END, RETURN, CALL, START):
+        if token in (END, RETURN, CALL, START) or token in self._stop_ids:
+            final = self.channel == "final"
             delta = self._close(complete=token != START) if self._in_body else None
             self._current = self._new() if token == START else None
             self._prefix_role = None  # a new header spells out its role
-            if token in (RETURN, CALL):
+            if token in (RETURN, CALL) or token in self._stop_ids or (token == END and final):
                 self.stop_token = token
             return delta
         current = self._current
@@ -156,9 +171,10 @@ class HarmonyStream:
         return delta
 
 
-def parse_tokens(tokens: Sequence[int], decode: Callable[[Sequence[int]], str]) -> HarmonyStream:
-    """Parse a whole token list (e.g. a finished generation) and return the parser."""
-    stream = HarmonyStream(decode)
+def parse_tokens(tokens: Sequence[int], decode: Callable[[Sequence[int]], str],
+                 stop_ids: Collection[int] = ()) -> HarmonyStream:
+    """Parse a whole token list (e.g. a finished generation) up to the stop rule; return the parser."""
+    stream = HarmonyStream(decode, stop_ids=stop_ids)
     for t in tokens:
         stream.feed(t)
         if stream.done:

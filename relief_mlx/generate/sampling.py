@@ -63,53 +63,72 @@ def _check(ok: bool, name: str, value: object, want: str) -> None:
 
 
 class Sampler:
-    """Chooses tokens for one sequence, or for B rows decoded together; holds the random key and
-    each row's recent tokens.
+    """Chooses tokens for one sequence, or for B rows decoded together, each row with its own
+    settings, random key and recent tokens.
 
-    `prompt` is one sequence's ids (L,), or a list of B prompts. `sampler(logits)` takes (B, V)
-    logits (B = 1 for one sequence) and returns the tokens (B,) and, when asked for, their
-    log-probabilities (B,); both lazy. Rows share the random key, so a row's draws depend on the
-    batch it is in; greedy choices do not.
+    `config` is one `SamplingConfig` for every row or one per row; `prompt` is one sequence's ids
+    (L,), or a list of B prompts. `sampler(logits)` takes (B, V) logits (B = 1 for one sequence)
+    and returns the tokens (B,) and, when asked for, their log-probabilities (B,); both lazy. A
+    row draws with its own key, so its tokens do not depend on the batch it is in; rows join
+    (`extend`) and leave (`filter`) as the batch changes.
     """
 
-    def __init__(self, config: SamplingConfig, prompt: mx.array | Sequence[Sequence[int]], logprobs: bool = False):
-        self.config = config
+    def __init__(self, config: SamplingConfig | Sequence[SamplingConfig], prompt: mx.array | Sequence[Sequence[int]],
+                 logprobs: bool = False):
+        prompts = [prompt.tolist()] if isinstance(prompt, mx.array) else [list(p) for p in prompt]
+        configs = [config] * len(prompts) if isinstance(config, SamplingConfig) else list(config)
+        if len(configs) != len(prompts):
+            raise ReliefError(f"{len(configs)} sampling settings for {len(prompts)} prompts; pass one per prompt")
         self.logprobs = logprobs
-        self._key = mx.random.key(config.seed if config.seed is not None else secrets.randbits(63))
-        self._penalized = config.repetition_penalty != 1.0
-        self._recent = recent_tokens(prompt, config.repetition_context) if self._penalized else None  # (B, n)
+        self.rows = [_Row(c, p) for c, p in zip(configs, prompts, strict=True)]
 
     def __call__(self, logits: mx.array) -> tuple[mx.array, mx.array | None]:
         raw = logits
-        if self._penalized:
-            logits = repetition_penalty(logits, self._recent, self.config.repetition_penalty)
-        if self.config.greedy:
-            token = mx.argmax(logits, axis=-1)
-        else:
-            self._key, key = mx.random.split(self._key)
-            token = mx.random.categorical(filtered(logits, self.config), key=key)
-        if self._penalized:
-            self._recent = mx.concatenate([self._recent, token[:, None]], axis=1)[:, -self.config.repetition_context:]
+        if any(r.recent is not None for r in self.rows):
+            logits = mx.concatenate([r.penalize(logits[b:b + 1]) for b, r in enumerate(self.rows)])
+        token = mx.argmax(logits, axis=-1)  # (B,): every greedy row's choice
+        if not all(r.config.greedy for r in self.rows):
+            token = mx.concatenate([token[b:b + 1] if r.config.greedy else r.draw(logits[b:b + 1])
+                                    for b, r in enumerate(self.rows)])
+        for b, r in enumerate(self.rows):
+            r.saw(token[b:b + 1])
         if not self.logprobs:
             return token, None
         raw = raw.astype(mx.float32)
         logprob = mx.take_along_axis(raw, token[:, None], axis=-1)[:, 0] - mx.logsumexp(raw, axis=-1)
         return token, logprob
 
-    def filter(self, rows: mx.array) -> None:
-        """Keep only `rows` (indices into the current batch), when the batch drops finished rows."""
-        if self._recent is not None:
-            self._recent = self._recent[rows]
+    def filter(self, rows: Sequence[int]) -> None:
+        """Keep only `rows` (indices into the current batch), when the batch drops rows."""
+        self.rows = [self.rows[i] for i in rows]
+
+    def extend(self, other: Sampler) -> None:
+        """Append `other`'s rows after this sampler's, when rows join the batch."""
+        self.rows += other.rows
 
 
-def recent_tokens(prompt: mx.array | Sequence[Sequence[int]], n: int) -> mx.array:
-    """The last `n` ids of each prompt, (B, m) with m the longest; a shorter row is filled on the
-    left with its own first id, and a repeated id is penalized once, like any repeat."""
-    if isinstance(prompt, mx.array):
-        return prompt[None, -n:]
-    rows = [list(p)[-n:] for p in prompt]
-    width = max(len(r) for r in rows)
-    return mx.array([r[:1] * (width - len(r)) + r for r in rows], dtype=mx.int32)
+class _Row:
+    """One row's settings, random key and (with a repetition penalty) its recent tokens (1, n)."""
+
+    def __init__(self, config: SamplingConfig, prompt: Sequence[int]):
+        self.config = config
+        self.key = mx.random.key(config.seed if config.seed is not None else secrets.randbits(63))
+        penalized = config.repetition_penalty != 1.0
+        self.recent = mx.array([list(prompt)[-config.repetition_context:]], dtype=mx.int32) if penalized else None
+
+    def penalize(self, logits: mx.array) -> mx.array:
+        if self.recent is None:
+            return logits
+        return repetition_penalty(logits, self.recent, self.config.repetition_penalty)
+
+    def draw(self, logits: mx.array) -> mx.array:
+        self.key, key = mx.random.split(self.key)
+        return mx.random.categorical(filtered(logits, self.config), key=key)
+
+    def saw(self, token: mx.array) -> None:
+        if self.recent is not None:
+            self.recent = mx.concatenate([self.recent, token[None].astype(mx.int32)], axis=1)
+            self.recent = self.recent[:, -self.config.repetition_context:]
 
 
 def repetition_penalty(logits: mx.array, recent: mx.array, penalty: float) -> mx.array:

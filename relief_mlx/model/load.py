@@ -36,8 +36,15 @@ def build_model(config: dict, weights: dict[str, mx.array], dtype: mx.Dtype | No
     """A gpt-oss `Model` holding `weights`; float weights cast to `dtype` (default: the backend's)."""
     model = Model(ModelArgs.from_dict(config))
     if quantization := config.get("quantization"):
-        nn.quantize(model, **quantization,
-                    class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights)
+        # mlx-lm's rule (mlx_lm.utils.load_model): a per-module entry wins (`false` keeps a module
+        # dense, as `relief fuse` writes for dequantized experts), else a module with scales is quantized
+        def quantized(path: str, module: nn.Module) -> bool | dict:
+            if path in quantization:
+                return quantization[path]
+            return hasattr(module, "to_quantized") and f"{path}.scales" in weights
+
+        defaults = {k: quantization[k] for k in ("group_size", "bits", "mode") if k in quantization}
+        nn.quantize(model, **defaults, class_predicate=quantized)
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
@@ -50,25 +57,43 @@ def build_model(config: dict, weights: dict[str, mx.array], dtype: mx.Dtype | No
     return model
 
 
-def load(path: str | Path, adapter: str | Path | None = None, dtype: mx.Dtype | None = None,
-         lazy: bool = False):
-    """Load a converted checkpoint (folder or Hub id) and its tokenizer: `(model, tokenizer)`.
-
-    `adapter` is a LoRA adapter folder written by `relief train` or `mlx_lm.lora`.
-    """
-    from mlx_lm.utils import load_tokenizer
-
+def load_model(path: str | Path, adapter: str | Path | None = None, dtype: mx.Dtype | None = None,
+               lazy: bool = False) -> tuple[Model, dict]:
+    """Load a converted checkpoint (folder or Hub id) without its tokenizer: `(model, config)`."""
     path, _ = hub.resolve(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ReliefError(f"{path} has no config.json; pass a folder written by `relief convert`")
     config = json.loads(config_file.read_text())
-    model = build_model(config, read_weights(path), dtype)
+    weights = read_weights(path)
+    try:
+        model = build_model(config, weights, dtype)
+    except ReliefError as e:  # name the folder whose weights do not fit
+        raise ReliefError(f"{path}: {e}") from None
     if adapter is not None:
         from .lora import apply_adapter
 
         apply_adapter(model, adapter)
     if not lazy:
         mx.eval(model.parameters())
+    return model, config
+
+
+def load(path: str | Path, adapter: str | Path | None = None, dtype: mx.Dtype | None = None,
+         lazy: bool = False, wrapper: bool = True):
+    """Load a converted checkpoint (folder or Hub id) and its tokenizer: `(model, tokenizer)`.
+
+    `adapter` is a LoRA adapter folder written by `relief train` or `mlx_lm.lora`. The tokenizer
+    is mlx-lm's TokenizerWrapper, or with `wrapper=False` relief's `HarmonyTokenizer` alone
+    (what training and Harmony parsing use; building mlx-lm's wrapper too costs seconds).
+    """
+    path, _ = hub.resolve(path)
+    model, config = load_model(path, adapter, dtype, lazy)
+    if not wrapper:
+        from ..data.harmony import HarmonyTokenizer
+
+        return model, HarmonyTokenizer.from_dir(path)
+    from mlx_lm.utils import load_tokenizer
+
     eos = [config["eos_token_id"]] if isinstance(config.get("eos_token_id"), int) else config.get("eos_token_id")
     return model, load_tokenizer(path, eos_token_ids=eos)

@@ -5,8 +5,8 @@ Thin adapter over `relief_mlx.data.dataset` (reading, Harmony rendering, masks, 
 and padding are all there). What it adds: the batch order of one epoch as a plain list of index
 lists (so a checkpoint can store it and `--resume` can continue mid-epoch), and the trained
 positions of a micro-batch gathered on the host (so the loss head never sees untrained ones).
-The order is sorted-length batching like `dataset.iterate_batches` (neighbours in length share
-a micro-batch, then the micro-batches are shuffled), computed from (seed, epoch) alone.
+The order is sorted-length batching (neighbours in length share a micro-batch, less padding;
+then the micro-batches are shuffled), computed from (seed, epoch) alone.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..data.dataset import Example, iterate_batches, load_dataset, tokenize
+from ..data.dataset import Example, load_dataset, pad_batch, tokenize
 from ..data.harmony import RenderOptions
 from ..errors import ReliefError
 from ..recipe import DataSection
@@ -42,14 +42,16 @@ def load_splits(data: DataSection, tokenizer, need_valid: bool) -> Splits:
         raise ReliefError(
             f"{data.path} has no valid split; add valid.jsonl or set validation.every = -1 to train without validation"
         )
-    options = RenderOptions(reasoning_effort=data.reasoning_effort, current_date=data.current_date)
+    options = RenderOptions.of(data)
     out, counts = {}, {}
     for split in ("train", "valid"):
         records = dataset.splits.get(split, [])
         tokenized = tokenize(records, data.max_length, options, data.mask, tokenizer)
         out[split], counts[split] = tokenized.examples, tokenized.counts()
-    if not out["train"]:
-        raise ReliefError(f"{data.path}: no training example fits data.max_length = {data.max_length}; raise it")
+    for split, fix in (("train", ""), ("valid", " or set validation.every = -1")):
+        if not out[split] and (split == "train" or need_valid):
+            raise ReliefError(f"{data.path}: no {split} example fits data.max_length = {data.max_length} "
+                              f"({counts[split]['dropped']} dropped as too long); raise it{fix}")
     digest = hashlib.sha256()
     for e in out["train"] + out["valid"]:
         digest.update(e.tokens.tobytes() + np.packbits(e.mask).tobytes())
@@ -89,14 +91,15 @@ class MicroBatch:
 
 def micro_batch(examples: Sequence[Example], indices: Sequence[int], max_length: int,
                 pad_multiple: int) -> MicroBatch:
-    """Pad the examples at `indices` (with `dataset.iterate_batches`) and gather trained positions.
+    """Pad the examples at `indices` (`dataset.pad_batch`) and gather trained positions.
 
     K is rounded up to a multiple of 32 with zero-weight entries, so a compiled step sees few
     distinct shapes.
     """
     chosen = [examples[i] for i in indices]
-    tokens, mask = next(iterate_batches(chosen, len(chosen), max_length,
-                                        shuffle=False, pad_multiple=pad_multiple))  # (B, T)
+    tokens, mask = pad_batch(chosen, pad_multiple)  # (B, T)
+    if max(len(e.tokens) for e in chosen) > max_length:
+        raise ValueError(f"an example is longer than max_length {max_length}: tokenize it first")  # a bug
     inputs, targets_full, trained = tokens[:, :-1], tokens[:, 1:], mask[:, 1:]  # (B, T-1)
     rows, cols = np.nonzero(trained)
     positions = (rows * inputs.shape[1] + cols).astype(np.int32)

@@ -38,6 +38,11 @@ def event_line(kind: str, e: dict) -> str | None:
         limit = e["available_bytes"]
         room = f" of {limit / GIB:.1f} GiB ({e['available_source']})" if limit else ""
         return f"memory forecast ({e['dtype']}): {describe(e['parts'])}{room}"
+    if kind == "load":
+        return f"loading {e['model']} ..."
+    if kind == "compile":
+        return (f"step {e['step']}: compiling the micro-step (mx.compile traces each new padded shape; "
+                "the first step can take a minute on a CPU) ...")
     if kind == "validation":
         mark = " (best so far)" if e["best"] else f" (best {e['best_loss']:.4f})"
         return f"step {e['step']}: validation loss {e['val_loss']:.4f}{mark}"
@@ -45,6 +50,10 @@ def event_line(kind: str, e: dict) -> str | None:
         return f"step {e['step']}: NaN/inf loss or gradient, update skipped"
     if kind == "checkpoint":
         return f"step {e['step']}: checkpoint -> {e['path']}"
+    if kind == "eval":  # [eval] after training
+        from ..eval.report import event_line as eval_line
+
+        return eval_line(e["kind"], e)
     return None
 
 

@@ -7,9 +7,12 @@
 
 The checkpoint folder is rebuilt under a temporary name and renamed over the old one only when
 complete (`io.atomic_dir`), so a crash or a full disk while saving leaves the previous one whole.
+The swap is two renames (checkpoint -> .checkpoint.old-PID, new -> checkpoint): a crash between
+them leaves no `checkpoint/`, and `read_checkpoint` then takes the intact `.checkpoint.old-*`.
 `state.json` holds the step, the epoch, the position in that epoch's micro-batch order (and the
 order itself), early-stopping counters, and what the run was trained on: a resume from another
-model, recipe or dataset is refused. Random numbers (dropout) are reseeded from (seed, step,
+model, recipe or dataset is refused (the length of the run and its validation settings may change:
+`--resume RUN --set train.iterations=N` extends a finished run). Random numbers (dropout) are reseeded from (seed, step,
 micro-batch) at every micro-step, so the RNG state is the step itself.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map_with_path
 
 from ..errors import ReliefError
 from ..io import atomic_dir, atomic_path
@@ -34,10 +38,12 @@ CHECKPOINT, BEST = "checkpoint", "best"
 OPTIMIZER, STATE = "optimizer.safetensors", "state.json"
 RECIPE, METRICS, SUMMARY = "recipe.toml", "metrics.jsonl", "summary.json"
 FORMAT = "relief-mlx-train/1"
+# Recipe keys a resume may change: how long the run goes on and how it is validated.
+RESUMABLE = {"train": ("epochs", "iterations"), "validation": ("every", "max_batches", "patience")}
 
 
 @dataclass
-class Progress:
+class RunState:
     """The loop's position and counters: everything besides weights that a resume needs."""
 
     step: int = 0  # optimizer steps done
@@ -82,7 +88,7 @@ def save_best(run: Path, model: nn.Module, config: dict) -> None:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
 
-def save_checkpoint(run: Path, model: nn.Module, optimizer: optim.Optimizer, progress: Progress,
+def save_checkpoint(run: Path, model: nn.Module, optimizer: optim.Optimizer, run_state: RunState,
                     identity: dict) -> None:
     """Replace RUN/checkpoint atomically; on failure the previous checkpoint stays as it was."""
     try:
@@ -90,26 +96,39 @@ def save_checkpoint(run: Path, model: nn.Module, optimizer: optim.Optimizer, pro
             save_arrays(tmp / ADAPTER_WEIGHTS, adapter_weights(model))
             save_arrays(tmp / OPTIMIZER, dict(tree_flatten(optimizer.state)))
             (tmp / STATE).write_text(json.dumps({"format": FORMAT, "identity": identity,
-                                                 "progress": asdict(progress)}) + "\n")
+                                                 "progress": asdict(run_state)}) + "\n")
     except OSError as e:
-        kept = _checkpoint_step(run)
+        kept = _checkpoint_step(_checkpoint_folder(run))
         intact = f"the checkpoint of step {kept} is intact" if kept is not None else "no checkpoint was written yet"
         raise ReliefError(
-            f"could not write {run / CHECKPOINT} at step {progress.step}: {e.strerror or e}; "
+            f"could not write {run / CHECKPOINT} at step {run_state.step}: {e.strerror or e}; "
             f"{intact}: free disk space and continue with `relief train --resume {run}`"
         ) from e
+    for stale in run.glob(f".{CHECKPOINT}.old-*"):  # left by a crash between the swap's renames
+        shutil.rmtree(stale, ignore_errors=True)
 
 
-def _checkpoint_step(run: Path) -> int | None:
+def _checkpoint_step(folder: Path) -> int | None:
     try:
-        return json.loads((run / CHECKPOINT / STATE).read_text())["progress"]["step"]
-    except (OSError, ValueError, KeyError):
+        return json.loads((folder / STATE).read_text())["progress"]["step"]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def read_checkpoint(run: Path) -> tuple[dict, dict[str, mx.array], dict[str, mx.array]]:
-    """(state.json, adapter tensors, optimizer tensors) of RUN/checkpoint."""
+def _checkpoint_folder(run: Path) -> Path:
+    """RUN/checkpoint, or when a crash fell between the two renames of its swap, the previous
+    checkpoint the swap had moved aside (`.checkpoint.old-*`, all of it written and synced)."""
     folder = run / CHECKPOINT
+    if folder.exists():
+        return folder
+    aside = [(_checkpoint_step(f), f) for f in run.glob(f".{CHECKPOINT}.old-*")]
+    aside = [(step, f) for step, f in aside if step is not None]
+    return max(aside)[1] if aside else folder
+
+
+def read_checkpoint(run: Path) -> tuple[dict, dict[str, mx.array], dict[str, mx.array]]:
+    """(state.json, adapter tensors, optimizer tensors) of RUN's checkpoint."""
+    folder = _checkpoint_folder(run)
     files = [folder / STATE, folder / ADAPTER_WEIGHTS, folder / OPTIMIZER]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
@@ -124,32 +143,42 @@ def read_checkpoint(run: Path) -> tuple[dict, dict[str, mx.array], dict[str, mx.
     return state, load_arrays(files[1]), load_arrays(files[2])
 
 
+def identity(model_fingerprint: str, recipe: dict, data_fingerprint: str) -> dict:
+    """What a resume must find unchanged: the model, the recipe but for its output and eval sections
+    and the `RESUMABLE` keys, and every token of the data."""
+    fixed = {section: {k: v for k, v in table.items() if k not in RESUMABLE.get(section, ())}
+             for section, table in recipe.items() if section not in ("output", "eval")}
+    return {"model": model_fingerprint, "recipe": fixed, "data": data_fingerprint}
+
+
 def check_identity(run: Path, saved: dict, current: dict) -> None:
-    """Refuse to resume a run on another model, recipe or dataset, naming what differs."""
-    what = {"model": "model", "recipe": "recipe", "data": "dataset"}
-    for key, name in what.items():
-        if saved.get(key) == current.get(key):
-            continue
-        detail = ""
-        if key == "recipe":
-            diff = [f"{s}.{k}" for s, table in current[key].items() for k, v in table.items()
-                    if saved[key].get(s, {}).get(k) != v]
-            detail = f" ({', '.join(diff)} differ)"
-        raise ReliefError(
-            f"{run} was trained with another {name}{detail}; resume it with the {name} it was "
-            f"trained with, or start a new run with another output.dir"
-        )
+    """Refuse to resume a run on another model, recipe or dataset, naming what differs. Recipe
+    keys the current identity leaves out are not compared (older checkpoints saved them all)."""
+    diff = [f"{s}.{k}" for s, table in current["recipe"].items() for k, v in table.items()
+            if saved.get("recipe", {}).get(s, {}).get(k) != v]
+    differs = {"model": saved.get("model") != current["model"],
+               "recipe": bool(diff), "dataset": saved.get("data") != current["data"]}
+    name = next((name for name, changed in differs.items() if changed), None)
+    if name is not None:
+        detail = f" ({', '.join(diff)} differ)" if name == "recipe" else ""
+        raise ReliefError(f"{run} was trained with another {name}{detail}; resume it with the {name} it was "
+                          "trained with, or start a new run with another output.dir")
 
 
 def restore(model: nn.Module, optimizer: optim.Optimizer, adapters: dict[str, mx.array],
             optimizer_state: dict[str, mx.array], run: Path) -> None:
-    """Load checkpointed adapter weights and optimizer state into an initialized model/optimizer."""
-    expected = adapter_weights(model)
-    if set(adapters) != set(expected) or any(adapters[k].shape != v.shape for k, v in expected.items()):
-        raise ReliefError(f"{run / CHECKPOINT} holds adapters for other LoRA targets or ranks; "
-                          "resume it with the recipe it was trained with")
+    """Load checkpointed adapter weights and optimizer state into an initialized model/optimizer.
+
+    The state is written into the tree `optimizer.init` built, key by key, so its structure and
+    order are the ones every other rank holds (the file's order is its header's, not the tree's).
+    """
+    for saved, current, what in ((adapters, adapter_weights(model), "adapters"),
+                                 (optimizer_state, dict(tree_flatten(optimizer.state)), "optimizer state")):
+        if set(saved) != set(current) or any(saved[k].shape != v.shape for k, v in current.items()):
+            raise ReliefError(f"{run / CHECKPOINT} holds {what} for other LoRA targets or ranks; "
+                              "resume it with the recipe it was trained with")
     model.load_weights(list(adapters.items()), strict=False)
-    optimizer.state = tree_unflatten(list(optimizer_state.items()))
+    optimizer.state = tree_map_with_path(lambda key, _: optimizer_state[key], optimizer.state)
 
 
 def model_fingerprint(path: Path, model: nn.Module) -> str:

@@ -1,16 +1,16 @@
 """`relief train`: LoRA fine-tuning of gpt-oss from one Recipe, resumable and data-parallel.
 
-`train()` reads top to bottom: set up (model, LoRA, data, optimizer, resume), then one loop
-iteration per optimizer step: accumulate micro-batches, sum over ranks, skip a NaN/inf step,
-clip, update, log, validate, checkpoint. The pieces it calls live beside it: `loss` (forward and
-the masked, chunked loss head), `data` (batch order, trained positions), `targets` (LoRA),
-`schedule`, `state` (what is written and resumed), `distributed`.
+`train()` is the loop a reader follows, top to bottom: set up (model, LoRA, data, optimizer,
+resume), then one iteration per optimizer step: accumulate the step's micro-batches over the
+ranks, skip a NaN/inf step or clip and update, log, validate, checkpoint. Each phase is a named
+function beside it. What it calls lives beside it too: `loss` (forward and the masked, chunked
+loss head), `data` (batch order, micro-batches), `targets` (LoRA), `state` (what is written
+and resumed), `distributed` (sums over ranks).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import signal
 import threading
@@ -25,25 +25,24 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
+from mlx_lm.generate import wired_limit
 
 from .. import hub
-from ..data.harmony import HarmonyTokenizer
 from ..errors import ReliefError
 from ..io import write_json, write_text
 from ..memory import forecast_run
-from ..model.load import build_model, read_weights
+from ..model.load import load
 from ..model.lora import ADAPTER_CONFIG
 from ..model.moe import gather_only
-from ..recipe import Recipe, load_recipe, to_toml
+from ..recipe import Recipe, TrainSection, load_recipe, to_toml
 from . import distributed, state
 from .data import MicroBatch, Splits, epoch_order, eval_order, load_splits, micro_batch
 from .loss import checkpointed_loss_and_grad, cross_entropy_value, hidden_states, loss_sum, plain_loss_sum
 from .pack import PackedBatch, pack_rows, packed_micro_batch
-from .schedule import learning_rate
 from .targets import apply_lora, count_trainable
 
 Event = Callable[[str, dict], None]
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+"""`on_event(kind, data)`: start, load, compile, step, skip, validation, checkpoint, done."""
 
 
 @dataclass(frozen=True)
@@ -65,29 +64,28 @@ def train(recipe: Recipe, resume: str | Path | None = None, on_event: Event | No
     emit = on_event if on_event and rank == 0 else (lambda kind, data: None)
     tc, vc = recipe.train, recipe.validation
     run = Path(resume) if resume else Path(recipe.output.dir)
-    if tc.grad_accumulation % world:
-        raise ReliefError(f"train.grad_accumulation = {tc.grad_accumulation} is not a multiple of the "
-                          f"{world} ranks; set it to a multiple of {world}")
-    if not resume and rank == 0 and run.exists() and any(run.iterdir()):
-        raise ReliefError(f"{run} already holds files; continue that run with --resume {run} "
-                          "or choose another output.dir")
+    _check_start(recipe, run, resume, group)
 
     # -- memory: the forecast, or a refusal before anything is loaded
     emit("forecast", forecast_run(recipe))
 
     # -- model, LoRA, data
     wall = time.perf_counter()
-    model_dir, model, tokenizer = _load_model(recipe.model.path, DTYPES.get(recipe.model.dtype))
-    identity = {"model": state.model_fingerprint(model_dir, model),
-                "recipe": {k: v for k, v in recipe.to_dict().items() if k != "output"}}
+    emit("load", {"model": recipe.model.path})
+    model_dir, _ = hub.resolve(recipe.model.path)
+    dtype = None if recipe.model.dtype == "auto" else getattr(mx, recipe.model.dtype)
+    model, tokenizer = load(model_dir, dtype=dtype, wrapper=False)
+    model_fingerprint = state.model_fingerprint(model_dir, model)  # before LoRA
     mx.random.seed(tc.seed)  # LoRA A initialization
-    adapter_config = apply_lora(model, recipe.lora)
-    adapter_config["base_model"] = recipe.model.path
+    adapter_config = apply_lora(model, recipe.lora) | {"base_model": recipe.model.path}
     splits = load_splits(recipe.data, tokenizer, need_valid=vc.every >= 0)
-    identity["data"] = splits.fingerprint
+    if recipe.eval.enabled and rank == 0:  # [eval] fails now, not after training
+        from ..eval.run import check_before_training
+
+        check_before_training(recipe, tokenizer)
+    identity = state.identity(model_fingerprint, recipe.to_dict(), splits.fingerprint)
     lengths = [len(e.tokens) for e in splits.train]
-    micro_per_epoch = math.ceil(len(splits.train) / tc.batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / tc.grad_accumulation)
+    steps_per_epoch = math.ceil(math.ceil(len(splits.train) / tc.batch_size) / tc.grad_accumulation)
     total_steps = tc.iterations or tc.epochs * steps_per_epoch
 
     # -- optimizer (PyTorch's AdamW: bias correction on), schedule over total_steps
@@ -96,142 +94,238 @@ def train(recipe: Recipe, resume: str | Path | None = None, on_event: Event | No
                             eps=tc.eps, weight_decay=tc.weight_decay, bias_correction=True)
     optimizer.init(model.trainable_parameters())
 
-    # -- resume, or start the run folder
-    progress = state.Progress()
-    if resume:
-        progress = _resume(run, model, optimizer, identity, group)
-    elif rank == 0:
+    # -- resume or start; the run folder keeps the recipe it runs (a resume may extend it)
+    run_state = _resume(run, model, optimizer, identity, group) if resume else state.RunState()
+    if rank == 0:
         write_text(run / state.RECIPE, to_toml(recipe))
-        write_json(run / ADAPTER_CONFIG, adapter_config)
+        if not resume:
+            write_json(run / ADAPTER_CONFIG, adapter_config)
     micro_step = make_micro_step(model, tc)
-    emit("start", {"run": str(run), "steps": total_steps, "start_step": progress.step,
+    emit("start", {"run": str(run), "steps": total_steps, "start_step": run_state.step,
                    "trainable": count_trainable(model), "world": world, "data": splits.counts})
+    if tc.compile:
+        emit("compile", {"step": run_state.step + 1})
     mx.reset_peak_memory()
-    session_start, session_tokens, session_time, status = progress.step, 0, 0.0, "finished"
-    if vc.patience and progress.evals_since_best >= vc.patience:
+    session = {"start": run_state.step, "tokens": 0, "time": 0.0}
+    status = "finished"
+    if vc.patience and run_state.evals_since_best >= vc.patience:
         status = "early_stopped"  # resuming a run that had already stopped early
 
     # -- one iteration = one optimizer step
-    with _stop_requested() as stop:
-        while progress.step < total_steps and status == "finished":
-            if progress.batch >= len(progress.order):  # next epoch: a fresh shuffled order
-                progress.epoch += 1 if progress.order else 0
-                progress.order = epoch_order(lengths, tc.batch_size, tc.seed, progress.epoch)
-                progress.batch = 0
+    with wired_limit(model), _stop_requested() as stop:
+        while run_state.step < total_steps and status == "finished":
             tic = time.perf_counter()
-            batches = progress.order[progress.batch : progress.batch + tc.grad_accumulation]
-
-            # accumulate this rank's micro-batches: summed token losses and their gradients
-            grads = tree_map(mx.zeros_like, model.trainable_parameters())
-            counts = np.zeros(4, np.float32)  # loss sum, trained tokens, tokens, stop flag
-            model.train()
-            rows = pack_rows(batches, lengths, recipe.data.max_length) if tc.pack else batches
-            build = packed_micro_batch if tc.pack else micro_batch
-            for index in range(rank, len(rows), world):
-                mb = build(splits.train, rows[index], recipe.data.max_length, tc.pad_multiple)
-                mx.random.seed(_micro_seed(tc.seed, progress.step, index))  # dropout
-                loss, grads = micro_step(grads, *_arrays(mb))
-                mx.eval(loss, grads)
-                counts += [loss.item(), mb.trained, mb.tokens, 0]
-            counts[3] = float(stop.is_set())
-
-            # sum over ranks; normalize by the trained tokens of the whole step
-            grads, totals = distributed.sum_tree((grads, mx.array(counts)), group)
-            loss_total, trained, tokens, stopping = totals.tolist()
-            grads = tree_map(lambda g, n=trained: g / n, grads)
-            step_loss, norm = loss_total / trained, grad_norm(grads)
+            batches = _next_batches(run_state, lengths, tc)
+            grads, loss, norm, counts, stopping = _accumulate(model, micro_step, batches, lengths, splits, recipe,
+                                                              run_state.step, group, stop)
             lr = schedule(optimizer.step).item()  # what this update uses
-
-            # a NaN/inf loss or gradient never reaches the weights
-            if not (math.isfinite(step_loss) and math.isfinite(norm)):
-                progress.bad_steps += 1
-                progress.skipped_steps += 1
-                emit("skip", {"step": progress.step + 1, "loss": step_loss, "grad_norm": norm})
-                if progress.bad_steps >= tc.max_bad_steps:
-                    raise ReliefError(
-                        f"{progress.bad_steps} steps in a row had a NaN/inf loss or gradient (last at step "
-                        f"{progress.step + 1}); the last good checkpoint in {run / state.CHECKPOINT} is intact: "
-                        "lower train.learning_rate or check the data, then resume with --resume"
-                    )
-            else:
-                progress.bad_steps = 0
+            if math.isfinite(loss) and math.isfinite(norm):
+                run_state.bad_steps = 0
                 update(model, optimizer, grads, norm, tc.max_grad_norm)
-
-            # bookkeeping and metrics (rank 0 writes)
-            progress.step += 1
-            progress.batch += len(batches)
-            elapsed = time.perf_counter() - tic
-            progress.elapsed_s += elapsed
-            progress.tokens += int(tokens)
-            progress.trained_tokens += int(trained)
-            progress.losses.append([progress.step, step_loss])
-            session_tokens, session_time = session_tokens + tokens, session_time + elapsed
-            record = {"step": progress.step, "epoch": progress.epoch, "loss": step_loss, "lr": lr,
-                      "grad_norm": norm, "skipped": progress.bad_steps > 0, "tokens": int(tokens),
-                      "trained_tokens": int(trained), "tokens_per_s": session_tokens / session_time,
-                      "peak_memory_gb": mx.get_peak_memory() / 1e9, "step_time_s": elapsed}
+            else:  # a NaN/inf loss or gradient never reaches the weights
+                _skip(run_state, loss, norm, tc.max_bad_steps, run, emit)
+            run_state.batch += len(batches)
+            record = _log_step(run_state, session, loss, lr, norm, counts, time.perf_counter() - tic)
             if rank == 0:
                 state.append_metrics(run, record)
-            if progress.step % recipe.output.report_every == 0 or progress.step == total_steps:
-                eta = (total_steps - progress.step) * session_time / (progress.step - session_start)
+            if run_state.step % recipe.output.report_every == 0 or run_state.step == total_steps:
+                eta = (total_steps - run_state.step) * session["time"] / (run_state.step - session["start"])
                 emit("step", record | {"total": total_steps, "eta_s": eta})
 
             # validation: every N steps, at each epoch's end (every = 0), and at the end
-            epoch_end = progress.batch >= len(progress.order)
-            due = (vc.every > 0 and progress.step % vc.every == 0) or (vc.every == 0 and epoch_end)
-            if vc.every >= 0 and (due or progress.step == total_steps):
-                val_loss = _validate(model, splits, recipe, group)
-                improved = progress.best_loss is None or val_loss < progress.best_loss
-                progress.val_losses.append([progress.step, val_loss])
-                if improved:
-                    progress.best_loss, progress.best_step, progress.evals_since_best = val_loss, progress.step, 0
-                    if rank == 0:
-                        state.save_best(run, model, adapter_config)
-                else:
-                    progress.evals_since_best += 1
-                if rank == 0:
-                    state.append_metrics(run, {"step": progress.step, "val_loss": val_loss, "best": improved})
-                emit("validation", {"step": progress.step, "val_loss": val_loss, "best": improved,
-                                    "best_loss": progress.best_loss})
-                if vc.patience and progress.evals_since_best >= vc.patience:
+            epoch_end = run_state.batch >= len(run_state.order)
+            due = (vc.every > 0 and run_state.step % vc.every == 0) or (vc.every == 0 and epoch_end)
+            if vc.every >= 0 and (due or run_state.step == total_steps):
+                if not _validate_and_keep_best(model, splits, recipe, group, run_state, run, adapter_config, emit):
                     status = "early_stopped"
 
             # checkpoint every N steps, at the end, when stopping early and when interrupted
-            last = progress.step == total_steps or status == "early_stopped" or stopping
+            last = run_state.step == total_steps or status == "early_stopped" or stopping
             every = recipe.output.checkpoint_every
-            if rank == 0 and (last or every and progress.step % every == 0):
-                state.save_checkpoint(run, model, optimizer, progress, identity)
-                state.save_adapter(run, model)
-                emit("checkpoint", {"step": progress.step, "path": str(run / state.CHECKPOINT)})
-            if stopping and progress.step < total_steps:
+            if rank == 0 and (last or every and run_state.step % every == 0):
+                _checkpoint(run, model, optimizer, run_state, identity, emit)
+            if stopping and run_state.step < total_steps:
                 status = "interrupted"
 
-    summary = _summary(progress, status, total_steps, splits, model, world, run, time.perf_counter() - wall)
+    summary = _summary(run_state, status, total_steps, splits, model, world, run, time.perf_counter() - wall)
     if rank == 0:
+        write_json(run / state.SUMMARY, summary)
+    if recipe.eval.enabled and rank == 0 and status != "interrupted":  # [eval]: the base vs this run's adapter
+        from ..eval.run import after_training
+
+        summary["eval"] = after_training(recipe, run, model, tokenizer, emit)
         write_json(run / state.SUMMARY, summary)
     emit("done", summary)
     return Result(run, status, summary)
 
 
-# ---------------------------------------------------------------- pieces of the loop
+# ---------------------------------------------------------------- phases of the loop
 
 
-def _load_model(path: str, dtype: mx.Dtype | None) -> tuple[Path, nn.Module, HarmonyTokenizer]:
-    """`relief_mlx.load` without mlx-lm's tokenizer wrapper (the data pipeline reads
-    tokenizer.json itself; building the wrapper too costs seconds per run)."""
-    model_dir, _ = hub.resolve(path)
-    config_file = model_dir / "config.json"
-    if not config_file.is_file():
-        raise ReliefError(f"{model_dir} has no config.json; set model.path to a folder written by `relief convert`")
-    try:
-        model = build_model(json.loads(config_file.read_text()), read_weights(model_dir), dtype)
-    except ReliefError as e:  # build_model passes MLX's multi-line message on: make it one line
-        raise ReliefError(f"{model_dir}: " + " ".join(str(e).split())) from None
-    mx.eval(model.parameters())
-    return model_dir, model, HarmonyTokenizer.from_dir(model_dir)
+def _check_start(recipe: Recipe, run: Path, resume: str | Path | None, group) -> None:
+    world, accumulation = group.size(), recipe.train.grad_accumulation
+    if accumulation % world:
+        raise ReliefError(f"train.grad_accumulation = {accumulation} is not a multiple of the "
+                          f"{world} ranks; set it to a multiple of {world}")
+    if not resume and group.rank() == 0 and run.exists() and any(run.iterdir()):
+        raise ReliefError(f"{run} already holds files; continue that run with --resume {run} "
+                          "or choose another output.dir")
 
 
-def make_micro_step(model: nn.Module, tc) -> Callable:
+def _next_batches(run_state: state.RunState, lengths: list[int], tc: TrainSection) -> list[list[int]]:
+    """The micro-batches of the next optimizer step; a new epoch starts a fresh shuffled order."""
+    if run_state.batch >= len(run_state.order):
+        run_state.epoch += 1 if run_state.order else 0
+        run_state.order = epoch_order(lengths, tc.batch_size, tc.seed, run_state.epoch)
+        run_state.batch = 0
+    return run_state.order[run_state.batch : run_state.batch + tc.grad_accumulation]
+
+
+def _accumulate(model: nn.Module, micro_step: Callable, batches: list[list[int]], lengths: list[int],
+                splits: Splits, recipe: Recipe, step: int, group, stop: threading.Event):
+    """Run this rank's share of `batches` (packed into rows of max_length tokens with
+    `train.pack`) and sum over ranks. Returns the gradient and the loss
+    per trained token of the whole step, the gradient norm, (trained tokens, tokens), and whether
+    any rank was asked to stop."""
+    tc = recipe.train
+    grads = tree_map(mx.zeros_like, model.trainable_parameters())
+    counts = np.zeros(4, np.float32)  # loss sum, trained tokens, tokens, stop flag
+    model.train()
+    rows = pack_rows(batches, lengths, recipe.data.max_length) if tc.pack else batches
+    build = packed_micro_batch if tc.pack else micro_batch
+    for index in range(group.rank(), len(rows), group.size()):
+        mb = build(splits.train, rows[index], recipe.data.max_length, tc.pad_multiple)
+        mx.random.seed(_micro_seed(tc.seed, step, index))  # dropout
+        loss, grads = micro_step(grads, *_arrays(mb))
+        mx.eval(loss, grads)
+        counts += [loss.item(), mb.trained, mb.tokens, 0]
+    counts[3] = float(stop.is_set())
+    grads, totals = distributed.sum_tree((grads, mx.array(counts)), group)
+    loss_total, trained, tokens, stopping = totals.tolist()
+    grads = tree_map(lambda g: g / trained, grads)
+    return grads, loss_total / trained, grad_norm(grads), (int(trained), int(tokens)), stopping > 0
+
+
+def _skip(run_state: state.RunState, loss: float, norm: float, max_bad_steps: int, run: Path, emit: Event) -> None:
+    """Count a skipped step; stop the run after `max_bad_steps` of them in a row."""
+    run_state.bad_steps += 1
+    run_state.skipped_steps += 1
+    emit("skip", {"step": run_state.step + 1, "loss": loss, "grad_norm": norm})
+    if run_state.bad_steps >= max_bad_steps:
+        raise ReliefError(
+            f"{run_state.bad_steps} steps in a row had a NaN/inf loss or gradient (last at step "
+            f"{run_state.step + 1}); the last good checkpoint in {run / state.CHECKPOINT} is intact: "
+            "lower train.learning_rate or check the data, then resume with --resume"
+        )
+
+
+def _log_step(run_state: state.RunState, session: dict, loss: float, lr: float, norm: float,
+              counts: tuple[int, int], elapsed: float) -> dict:
+    """Count the finished step into the run and this session; its metrics.jsonl record."""
+    trained, tokens = counts
+    run_state.step += 1
+    run_state.elapsed_s += elapsed
+    run_state.tokens += tokens
+    run_state.trained_tokens += trained
+    run_state.losses.append([run_state.step, loss])
+    session["tokens"] += tokens
+    session["time"] += elapsed
+    return {"step": run_state.step, "epoch": run_state.epoch, "loss": loss, "lr": lr, "grad_norm": norm,
+            "skipped": run_state.bad_steps > 0, "tokens": tokens, "trained_tokens": trained,
+            "tokens_per_s": session["tokens"] / session["time"], "peak_memory_gb": mx.get_peak_memory() / 1e9,
+            "step_time_s": elapsed}
+
+
+def _validate_and_keep_best(model: nn.Module, splits: Splits, recipe: Recipe, group, run_state: state.RunState,
+                            run: Path, adapter_config: dict, emit: Event) -> bool:
+    """Validate, keep a new best adapter in best/; False once `patience` validations brought none."""
+    val_loss = _validate(model, splits, recipe, group)
+    improved = run_state.best_loss is None or val_loss < run_state.best_loss
+    run_state.val_losses.append([run_state.step, val_loss])
+    if improved:
+        run_state.best_loss, run_state.best_step, run_state.evals_since_best = val_loss, run_state.step, 0
+    else:
+        run_state.evals_since_best += 1
+    if group.rank() == 0:
+        if improved:
+            state.save_best(run, model, adapter_config)
+        state.append_metrics(run, {"step": run_state.step, "val_loss": val_loss, "best": improved})
+    emit("validation", {"step": run_state.step, "val_loss": val_loss, "best": improved,
+                        "best_loss": run_state.best_loss})
+    patience = recipe.validation.patience
+    return not (patience and run_state.evals_since_best >= patience)
+
+
+def _validate(model: nn.Module, splits: Splits, recipe: Recipe, group) -> float:
+    """Mean loss per trained token of the valid split (or its first max_batches micro-batches)."""
+    vc, tc = recipe.validation, recipe.train
+    batches = eval_order([len(e.tokens) for e in splits.valid], tc.batch_size)
+    batches = batches[: vc.max_batches or None]
+    model.eval()
+    total, trained = 0.0, 0
+    for indices in batches[group.rank() :: group.size()]:
+        mb = micro_batch(splits.valid, indices, recipe.data.max_length, tc.pad_multiple)
+        inputs, positions, targets, weights = (mx.array(a) for a in (mb.inputs, mb.positions, mb.targets, mb.weights))
+        h = hidden_states(model, inputs).reshape(-1, model.args.hidden_size)[positions]  # (K, D)
+        total += cross_entropy_value(model.lm_head, h, targets, weights, tc.loss_chunk or 128).item()
+        trained += mb.trained
+    total, trained = distributed.sum_tree(mx.array([total, trained], mx.float32), group).tolist()
+    model.train()
+    return total / trained
+
+
+def _checkpoint(run: Path, model: nn.Module, optimizer: optim.Optimizer, run_state: state.RunState,
+                identity: dict, emit: Event) -> None:
+    state.save_checkpoint(run, model, optimizer, run_state, identity)
+    state.save_adapter(run, model)
+    emit("checkpoint", {"step": run_state.step, "path": str(run / state.CHECKPOINT)})
+
+
+def _resume(run: Path, model: nn.Module, optimizer: optim.Optimizer, identity: dict, group) -> state.RunState:
+    """Rank 0 reads RUN's checkpoint; every rank gets the same weights, optimizer state and position."""
+    saved = None
+    if group.rank() == 0:
+        saved, adapters, optimizer_state = state.read_checkpoint(run)
+        state.check_identity(run, saved["identity"], identity)
+        state.restore(model, optimizer, adapters, optimizer_state, run)
+        state.rewrite_metrics(run, saved["progress"]["step"])
+    saved = distributed.broadcast_json(saved, group)
+    model.update(distributed.broadcast_tree(model.trainable_parameters(), group))
+    optimizer.state = distributed.broadcast_tree(optimizer.state, group)
+    mx.eval(model.trainable_parameters(), optimizer.state)
+    return state.RunState(**saved["progress"])
+
+
+# ---------------------------------------------------------------- pieces of a step
+
+
+def learning_rate(train: TrainSection, total_steps: int) -> Callable[[mx.array], mx.array]:
+    """Schedule for `mlx.optimizers` (called with the 0-based step of the update it applies).
+
+    Warmup: step s < warmup uses lr * (s + 1) / warmup (the first update is not wasted at 0).
+    Then over the remaining steps: cosine from lr to min_learning_rate, linear from lr towards
+    0 (transformers' default `get_linear_schedule_with_warmup`), or constant.
+    """
+    peak, low, warmup = train.learning_rate, train.min_learning_rate, train.warmup_steps
+    decay = max(total_steps - warmup, 1)
+
+    def schedule(step: mx.array) -> mx.array:
+        s = step.astype(mx.float32)
+        progress = mx.clip((s - warmup) / decay, 0.0, 1.0)
+        if train.schedule == "cosine":
+            after = low + (peak - low) * 0.5 * (1.0 + mx.cos(math.pi * progress))
+        elif train.schedule == "linear":
+            after = peak * (1.0 - progress)
+        else:
+            after = mx.array(peak, mx.float32)
+        if warmup == 0:
+            return after
+        return mx.where(s < warmup, peak * (s + 1) / warmup, after)
+
+    return schedule
+
+
+def make_micro_step(model: nn.Module, tc: TrainSection) -> Callable:
     """(accumulated grads, batch arrays) -> (summed loss, grads + this batch's grads), compiled
     when `tc.compile`; the batch arrays are `train.data.micro_batch`'s, in `MicroBatch` order."""
 
@@ -275,38 +369,18 @@ def _micro_seed(seed: int, step: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, step, index]).generate_state(1)[0])
 
 
-def _validate(model: nn.Module, splits: Splits, recipe: Recipe, group) -> float:
-    """Mean loss per trained token of the valid split (or its first max_batches micro-batches)."""
-    vc, tc = recipe.validation, recipe.train
-    batches = eval_order([len(e.tokens) for e in splits.valid], tc.batch_size)
-    batches = batches[: vc.max_batches or None]
-    model.eval()
-    total, trained = 0.0, 0
-    for indices in batches[group.rank() :: group.size()]:
-        mb = micro_batch(splits.valid, indices, recipe.data.max_length, tc.pad_multiple)
-        inputs, positions, targets, weights = (mx.array(a) for a in (mb.inputs, mb.positions, mb.targets, mb.weights))
-        h = hidden_states(model, inputs).reshape(-1, model.args.hidden_size)[positions]  # (K, D)
-        total += cross_entropy_value(model.lm_head, h, targets, weights, tc.loss_chunk or 128).item()
-        trained += mb.trained
-    total, trained = distributed.sum_tree(mx.array([total, trained], mx.float32), group).tolist()
-    model.train()
-    return total / trained
+def grad_norm(grads) -> float:
+    """The global L2 norm of a gradient tree, accumulated in float32."""
+    return mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads))).item()
 
 
-def _resume(run: Path, model: nn.Module, optimizer: optim.Optimizer, identity: dict, group) -> state.Progress:
-    """Rank 0 reads RUN/checkpoint; every rank gets the same weights, optimizer state and position."""
-    saved = None
-    if group.rank() == 0:
-        saved, adapters, optimizer_state = state.read_checkpoint(run)
-        state.check_identity(run, saved["identity"], identity)
-        state.restore(model, optimizer, adapters, optimizer_state, run)
-        state.rewrite_metrics(run, saved["progress"]["step"])
-    saved = distributed.broadcast_json(saved, group)
-    if group.size() > 1:
-        model.update(distributed.broadcast_tree(model.trainable_parameters(), group))
-        optimizer.state = distributed.broadcast_tree(optimizer.state, group)
+def update(model: nn.Module, optimizer, grads, norm: float, max_grad_norm: float) -> None:
+    """Clip `grads` (of global norm `norm`) to `max_grad_norm` as torch's clip_grad_norm_ does,
+    apply one optimizer update and evaluate it."""
+    if max_grad_norm and norm > max_grad_norm:
+        grads = tree_map(lambda g, c=max_grad_norm / (norm + 1e-6): g * c, grads)
+    optimizer.update(model, grads)
     mx.eval(model.trainable_parameters(), optimizer.state)
-    return state.Progress(**saved["progress"])
 
 
 @contextlib.contextmanager
@@ -331,57 +405,47 @@ def _stop_requested() -> Iterator[threading.Event]:
             signal.signal(s, h)
 
 
-def _summary(progress: state.Progress, status: str, total_steps: int, splits: Splits, model: nn.Module,
+# ---------------------------------------------------------------- the end of a run
+
+
+def _summary(run_state: state.RunState, status: str, total_steps: int, splits: Splits, model: nn.Module,
              world: int, run: Path, wall_s: float) -> dict:
-    losses = progress.losses
+    losses = run_state.losses
     stride = max(len(losses) // 20, 1)
     return {
         "status": status,
-        "steps": progress.step,
+        "steps": run_state.step,
         "total_steps": total_steps,
-        "epochs_done": progress.epoch + (progress.batch >= len(progress.order)),
+        "epochs_done": run_state.epoch + (run_state.batch >= len(run_state.order)),
         "train_loss_first": losses[0][1] if losses else None,
         "train_loss_last": losses[-1][1] if losses else None,
         "loss_curve": losses[::stride] + (losses[-1:] if losses and (len(losses) - 1) % stride else []),
-        "val_losses": progress.val_losses,
-        "best_val_loss": progress.best_loss,
-        "best_step": progress.best_step,
-        "skipped_steps": progress.skipped_steps,
-        "train_time_s": progress.elapsed_s,
+        "val_losses": run_state.val_losses,
+        "best_val_loss": run_state.best_loss,
+        "best_step": run_state.best_step,
+        "skipped_steps": run_state.skipped_steps,
+        "train_time_s": run_state.elapsed_s,
         "wall_time_s": wall_s,
-        "tokens": progress.tokens,
-        "trained_tokens": progress.trained_tokens,
-        "tokens_per_s": progress.tokens / max(progress.elapsed_s, 1e-9),
-        "trained_tokens_per_s": progress.trained_tokens / max(progress.elapsed_s, 1e-9),
+        "tokens": run_state.tokens,
+        "trained_tokens": run_state.trained_tokens,
+        "tokens_per_s": run_state.tokens / max(run_state.elapsed_s, 1e-9),
+        "trained_tokens_per_s": run_state.trained_tokens / max(run_state.elapsed_s, 1e-9),
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
         "trainable_parameters": count_trainable(model),
         "world_size": world,
         "data": splits.counts,
         "adapter": str(run),
-        "best_adapter": str(run / state.BEST) if progress.best_loss is not None else None,
+        "best_adapter": str(run / state.BEST) if run_state.best_loss is not None else None,
     }
 
 
 def resume_recipe(run: str | Path, recipe_file: str | Path | None = None, overrides: tuple[str, ...] = ()) -> Recipe:
     """The recipe to continue RUN with: its saved recipe.toml unless a recipe file is given
-    (a different one is refused when the checkpoint is read); output.dir is RUN."""
+    (a different one is refused when the checkpoint is read), `--set` overrides applied (the
+    length of the run and its validation may change); output.dir is RUN."""
     run = Path(run)
     saved = run / state.RECIPE
     if recipe_file is None and not saved.is_file():
         raise ReliefError(f"{run} has no {state.RECIPE}; pass the run folder `relief train` wrote")
     recipe = load_recipe(recipe_file or saved, overrides)
     return replace(recipe, output=replace(recipe.output, dir=str(run)))
-
-
-def grad_norm(grads) -> float:
-    """The global L2 norm of a gradient tree, accumulated in float32."""
-    return mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads))).item()
-
-
-def update(model: nn.Module, optimizer, grads, norm: float, max_grad_norm: float) -> None:
-    """Clip `grads` (of global norm `norm`) to `max_grad_norm` as torch's clip_grad_norm_ does,
-    apply one optimizer update and evaluate it."""
-    if max_grad_norm and norm > max_grad_norm:
-        grads = tree_map(lambda g, c=max_grad_norm / (norm + 1e-6): g * c, grads)
-    optimizer.update(model, grads)
-    mx.eval(model.trainable_parameters(), optimizer.state)

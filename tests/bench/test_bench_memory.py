@@ -1,8 +1,10 @@
-"""Bytes per decoded token, the memory estimate and the refusal, and the preset built in memory."""
+"""The bandwidth probe and its guard, bytes per decoded token, the memory estimate and the refusal,
+and the preset built in memory."""
 
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
@@ -10,8 +12,82 @@ from relief_mlx.bench import memory, source
 from relief_mlx.checkpoint.convert import mlx_config
 from relief_mlx.checkpoint.presets import hf_config
 from relief_mlx.errors import ReliefError
+from relief_mlx.model.load import default_dtype
 
 MINI = mlx_config(hf_config("mini"), "mxfp4")  # 4 layers S F S F, h = i = 128, 8 experts top-4, 4 q / 2 kv heads of 64
+
+
+MIB = 2**20
+
+
+def test_a_share_above_the_limit_is_a_measurement_error():
+    # 50 tokens/s x 1 GB per token = 50 GB/s read, against a 40 GB/s limit
+    with pytest.raises(memory.MeasurementError, match=r"reads 50 GB/s .*125% of the measured bandwidth limit 40 GB/s"):
+        memory.bandwidth_share(50.0, 1e9, 40.0, "relief decode")
+    assert issubclass(memory.MeasurementError, ReliefError)  # one line from the CLI, exit 1
+    assert memory.bandwidth_share(10.0, 1e9, 40.0) == 0.25
+    assert memory.bandwidth_share(40.0, 1e9, 40.0) == 1.0  # at the limit, not above it
+
+
+@pytest.mark.parametrize("chip, cores, gbps", [
+    ("Apple M1", 8, 68.25), ("Apple M1 Ultra", 20, 800), ("Apple M2 Pro", 12, 200), ("Apple M3 Pro", 12, 150),
+    ("Apple M3 Max", 14, 300), ("Apple M3 Max", 16, 400), ("Apple M3 Max", None, None), ("Apple M3 Ultra", 28, 819),
+    ("Apple M4", 10, 120), ("Apple M4 Max", 16, 546), ("AMD EPYC", 2, None), ("Apple M9", 8, None),
+])
+def test_advertised_bandwidth_of_apple_chips(chip, cores, gbps):
+    assert memory.nominal_bandwidth(chip, cores) == gbps
+
+
+def test_last_level_cache_is_the_highest_data_level(tmp_path):
+    for i, (level, kind, size) in enumerate([(1, "Data", "48K"), (1, "Instruction", "32K"), (2, "Unified", "1024K"),
+                                             (3, "Unified", "32768K")]):
+        (tmp_path / f"index{i}").mkdir()
+        for name, value in (("level", level), ("type", kind), ("size", size)):
+            (tmp_path / f"index{i}" / name).write_text(f"{value}\n")
+    assert memory.last_level_cache(tmp_path) == (32 * MIB, f"L3 of {tmp_path}")
+
+
+def test_probe_sizes_stay_above_the_cache():
+    assert memory.probe_sizes(None, 32 * MIB, gpu=False) == [128 * MIB, 256 * MIB, 512 * MIB]
+    assert memory.probe_sizes(None, None, gpu=False) == [64 * MIB, 128 * MIB, 256 * MIB]
+    assert memory.probe_sizes(None, 32 * MIB, gpu=True) == [512 * MIB, 1024 * MIB, 2048 * MIB]
+    assert memory.probe_sizes(8 * MIB, 32 * MIB, gpu=False) == [2 * MIB, 4 * MIB, 8 * MIB]  # asked for
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+def test_the_limit_is_the_best_read_where_mlx_computes(monkeypatch, backend):
+    """On a CPU backend the host's threaded read counts; on a GPU only MLX's reads on the device."""
+    monkeypatch.setattr("relief_mlx.doctor.backend", lambda mx: backend)
+    bw = memory.measure_bandwidth(8 * MIB, trials=2)
+    host = [f"numpy {op}, {bw['threads']} threads" for op in ("sum", "max")]
+    assert set(bw["kernels_gbps"]) == {*host, "mlx sum", "mlx gemv"}
+    for k in bw["kernels_gbps"].values():
+        assert len(k["trials"]) == 2 and k["best"] == max(k["trials"])
+        assert k["size_bytes"] in (2 * MIB, 4 * MIB, 8 * MIB)
+    counted = [k for k in bw["kernels_gbps"] if backend == "cpu" or k not in host]
+    assert bw["limit_gbps"] == max(bw["kernels_gbps"][k]["best"] for k in counted)
+    assert bw["host_gbps"] == max(bw["kernels_gbps"][k]["best"] for k in host)
+    assert bw["device"] == ("cpu" if backend == "cpu" else "gpu")
+
+
+def test_host_read_reads_every_slice_in_threads():
+    from concurrent.futures import ThreadPoolExecutor
+
+    a = np.ones(3 * 1000 + 1, np.float32)
+    seen = []
+
+    class Recording(ThreadPoolExecutor):
+        def map(self, fn, parts):
+            parts = list(parts)
+            seen.append(sum(len(p) for p in parts))
+            assert len(parts) == 3 and all(np.shares_memory(p, a) for p in parts)  # views, no copies
+            return super().map(fn, parts)
+
+    with Recording(3) as pool:
+        gbps = memory.host_read(a, pool, threads=3, trials=2)
+    assert list(gbps) == ["numpy sum, 3 threads", "numpy max, 3 threads"]
+    assert all(len(g) == 2 and min(g) > 0 for g in gbps.values())
+    assert seen == [3001] * 6  # per reduction, the warm-up and two trials, each over the whole array
 
 
 def test_decode_bytes_by_hand():
@@ -100,9 +176,9 @@ def test_a_hugging_face_folder_is_refused_before_anything_runs(mini_hf):
 
 
 def test_dense_preset_experts_are_the_mxfp4_ones_dequantized():
-    """`--experts dense` times the same weights as the default, only stored dense."""
+    """`--experts float32` (CPU) times the same weights as the default, only stored dense."""
     packed = source.build(source.describe(None, "mini"), mx.float32, seed=2)
-    dense_src = source.describe(None, "mini", "dense")
+    dense_src = source.describe(None, "mini", str(default_dtype()).removeprefix("mlx.core."))
     assert not dense_src.mxfp4
     dense = source.build(dense_src, mx.float32, seed=2)
     q = packed.model.layers[1].mlp.experts.down_proj
@@ -114,6 +190,9 @@ def test_dense_preset_experts_are_the_mxfp4_ones_dequantized():
 
 def test_experts_option_is_for_presets_only(mini_mlx):
     with pytest.raises(ReliefError, match="--experts applies to --preset"):
-        source.describe(str(mini_mlx), None, "dense")
-    with pytest.raises(ReliefError, match="choose one of mxfp4, dense"):
+        source.describe(str(mini_mlx), None, "mxfp4")
+    with pytest.raises(ReliefError, match="choose one of auto, mxfp4, bfloat16, float32"):
         source.describe(None, "mini", "int8")
+    other = "bfloat16" if default_dtype() == mx.float32 else "float32"
+    with pytest.raises(ReliefError, match=f"pass --experts {str(default_dtype()).removeprefix('mlx.core.')} or mxfp4"):
+        source.describe(None, "mini", other)

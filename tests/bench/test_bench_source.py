@@ -26,14 +26,14 @@ def test_mlx_lm_model_is_mlx_lm_s_and_shares_every_array():
 
 
 def test_shared_experts_are_one_set_of_arrays_in_memory():
-    src = source.describe(None, "mini", "dense-shared")
+    src = source.describe(None, "mini", "float32", "float32", shared_experts=True)
     assert src.shared_experts and not src.mxfp4 and "experts shared by all layers" in src.label
     mx.synchronize()
     before = mx.get_active_memory()
     model = source.build(src, mx.float32)
     shared = model.layers[3].mlp.experts.down_proj.weight
     assert np.array_equal(np.array(shared), np.array(model.layers[0].mlp.experts.down_proj.weight))
-    distinct = source.build(source.describe(None, "mini", "dense"), mx.float32)
+    distinct = source.build(source.describe(None, "mini", "float32", "float32"), mx.float32)
     expert_bytes = sum(v.nbytes for _, v in tree_flatten(distinct.layers[0].mlp.experts.parameters()))
     held = mx.get_active_memory() - before
     # the shared model holds 3 fewer layers of experts than the distinct one (and a few small buffers)

@@ -21,6 +21,51 @@ def test_converted_model_matches_a_float_reference_from_the_hf_tensors(mini_hf, 
     assert result["argmax_agreement"] == 1.0
 
 
+def test_verify_fails_a_conversion_with_gate_and_up_swapped(mini_hf, tmp_path, monkeypatch):
+    """Regression: verify built its reference through the converter's own mapping, so a mapping
+    bug showed on both sides and passed."""
+    from relief_mlx.checkpoint import layout
+
+    real = layout._split_gate_up
+
+    def swapped(prefix, suffix, value, axis):
+        parts = real(prefix, suffix, value, axis)
+        gate, up = (f"{prefix}.{p}.{suffix}" for p in ("gate_proj", "up_proj"))
+        return {gate: parts[up], up: parts[gate]}
+
+    monkeypatch.setattr(layout, "_split_gate_up", swapped)
+    code, output = _run("convert", mini_hf, "--out", tmp_path / "swapped", "--verify")
+    assert code == 1, output
+    error = output.splitlines()[-1]
+    assert error.startswith("error: verification failed: the logits of ") and "tolerance 1e-03" in error
+    assert "Traceback" not in output
+
+
+def test_verify_fails_a_transposed_down_projection(mini_hf, mini_mlx_f32, tmp_path):
+    broken = shutil.copytree(mini_mlx_f32, tmp_path / "transposed")
+    name = "model.layers.1.mlp.experts.down_proj.weight"  # (E, 128, 128) in mini: the shape hides it
+    for shard in broken.glob("model*.safetensors"):
+        tensors = mx.load(str(shard))
+        if name in tensors:
+            tensors[name] = tensors[name].swapaxes(-1, -2)
+            mx.save_safetensors(str(shard), tensors, metadata={"format": "mlx"})
+    result = verify(mini_hf, broken, layers=2)
+    assert not result["ok"] and result["max_relative_error"] > 1e-2
+    assert verify(mini_hf, mini_mlx_f32, layers=2)["ok"]
+
+
+def test_reference_decodes_mxfp4_from_the_table_by_hand():
+    from relief_mlx.checkpoint.reference import dequantize_mxfp4
+
+    blocks = np.zeros((1, 1, 1, 16), np.uint8)
+    blocks[0, 0, 0, 0] = 0x7 | (0xA << 4)  # element 0: code 7 (6.0); element 1: code 10 (-1.0)
+    blocks[0, 0, 0, 15] = 0x1 << 4  # element 31: code 1 (0.5)
+    scales = np.array([[[128]]], np.uint8)  # 2 ** (128 - 127)
+    want = np.zeros(32, np.float32)
+    want[[0, 1, 31]] = [12.0, -2.0, 1.0]
+    np.testing.assert_array_equal(dequantize_mxfp4(blocks, scales)[0, 0], want)
+
+
 def test_same_input_gives_byte_identical_shards(mini_hf, mini_mlx, tmp_path):
     again = convert(mini_hf, tmp_path / "again")
     manifest = json.loads((mini_mlx / "relief-manifest.json").read_text())

@@ -208,37 +208,16 @@ def _examples(lengths: list[int]) -> list[ds.Example]:
 
 
 def test_batches_are_padded_and_masked():
-    examples = _examples([5, 9, 3, 12, 7])
-    batches = list(ds.iterate_batches(examples, 2, 16, seed=1))
-    assert [b[0].shape[0] for b in batches].count(2) == 2 and len(batches) == 3
-    seen = []
-    for tokens, mask in batches:
-        assert tokens.dtype == np.int32 and mask.dtype == bool and tokens.shape == mask.shape
-        assert tokens.shape[1] % 8 == 0
-        for row, m in zip(tokens, mask, strict=True):
-            n = int((row != hm.PAD).sum())
-            assert (row[n:] == hm.PAD).all() and not m[n:].any()
-            seen.append(int(row[0]) // 1000)
-    assert sorted(seen) == [0, 1, 2, 3, 4]  # each example once per epoch
+    examples = _examples([5, 9, 3])
+    tokens, mask = ds.pad_batch(examples, pad_multiple=8)
+    assert tokens.dtype == np.int32 and mask.dtype == bool and tokens.shape == mask.shape == (3, 16)
+    for row, m, e in zip(tokens, mask, examples, strict=True):
+        n = len(e.tokens)
+        assert (row[:n] == e.tokens).all() and (m[:n] == e.mask).all()
+        assert (row[n:] == hm.PAD).all() and not m[n:].any()
+    assert ds.pad_batch(examples)[0].shape == (3, 9)  # no rounding by default
 
 
-def test_batches_are_reproducible_and_reshuffled_per_epoch():
-    examples = _examples(list(range(2, 42)))
-
-    def order(seed, epochs):
-        return [int(t[0, 0]) for t, _ in ds.iterate_batches(examples, 4, 64, seed, epochs)]
-
-    assert order(3, 1) == order(3, 1)
-    two = order(3, 2)
-    assert two[:10] != two[10:] and sorted(two[:10]) == sorted(two[10:])
-    plain = [t[:, 0].tolist() for t, _ in ds.iterate_batches(examples, 4, 64, shuffle=False)]
-    assert plain[0] == [0, 1000, 2000, 3000]
-
-
-def test_batching_refuses_too_long_examples_and_empty_sets():
-    with pytest.raises(ValueError, match="max_length 8"):
-        next(ds.iterate_batches(_examples([9]), 1, 8))
+def test_an_empty_batch_is_refused():
     with pytest.raises(ReliefError, match="no examples"):
-        next(ds.iterate_batches([], 1, 8))
-    with pytest.raises(ReliefError, match="lower batch_size"):
-        next(ds.iterate_batches(_examples([3, 4]), 4, 8, drop_last=True))
+        ds.pad_batch([])

@@ -28,9 +28,19 @@ MULTI = [
 ]
 
 
-def _reference(harmony, messages, effort="medium", for_training=True):
-    """openai-harmony's conversation for `messages`, analysis only on the trained last message
-    (see the module docstring of relief_mlx.data.harmony for why not auto_drop_analysis)."""
+THREE_TURNS = [
+    {"role": "user", "content": "Water per person?"},
+    {"role": "assistant", "content": "15 L a day.", "thinking": "Sphere."},
+    {"role": "user", "content": "Latrines?"},
+    {"role": "assistant", "content": "One per 20 people.", "thinking": "Sphere again."},
+    {"role": "user", "content": "Distance?"},
+    {"role": "assistant", "content": "30 m from water.", "thinking": "Contamination."},
+]
+
+
+def _reference(harmony, messages, effort="medium", for_training=True, every_analysis=False):
+    """openai-harmony's conversation for `messages`: the analysis (`thinking`) of the last message
+    only, as relief renders it, or with `every_analysis` of every message, as the data holds it."""
     h = harmony
     system = (
         h.SystemContent.new()
@@ -45,7 +55,7 @@ def _reference(harmony, messages, effort="medium", for_training=True):
         elif m["role"] == "user":
             out.append(h.Message.from_role_and_content(h.Role.USER, m["content"]))
         else:
-            if m.get("thinking") and for_training and i == len(messages) - 1:
+            if m.get("thinking") and for_training and (every_analysis or i == len(messages) - 1):
                 msg = h.Message.from_role_and_content(h.Role.ASSISTANT, m["thinking"])
                 out.append(msg.with_channel("analysis"))
             msg = h.Message.from_role_and_content(h.Role.ASSISTANT, m["content"])
@@ -62,17 +72,40 @@ def harmony():
     return pytest.importorskip("openai_harmony")
 
 
-@pytest.mark.parametrize("messages", [SINGLE, THINKING, MULTI], ids=["single", "thinking", "multi"])
+@pytest.mark.parametrize("messages", [SINGLE, THINKING, MULTI, THREE_TURNS],
+                         ids=["single", "thinking", "multi", "three-turns"])
 @pytest.mark.parametrize("effort", ["low", "high"])
-def test_training_render_equals_openai_harmony(
+def test_training_render_equals_openai_harmony_given_analysis_on_the_last_turn_only(
     messages, effort, harmony, harmony_encoding, harmony_tokenizer
 ):
+    """Given the analysis of the last message only (relief's rule), openai-harmony renders what
+    relief renders, token for token, when it is not told to drop analysis itself."""
     options = hm.RenderOptions(reasoning_effort=effort, current_date=DATE)
     ids, mask = hm.render_training(messages, options, tokenizer=harmony_tokenizer)
     conv = _reference(harmony, messages, effort)
-    want = harmony_encoding.render_conversation_for_training(conv, _keep_all(harmony))
-    assert ids == want
+    assert ids == harmony_encoding.render_conversation_for_training(conv, _keep_all(harmony))
     assert mask.shape == (len(ids),) and mask.dtype == bool
+
+
+def test_three_turns_of_analysis_differ_from_openai_harmony_default_by_design(
+    harmony, harmony_encoding, harmony_tokenizer
+):
+    """openai-harmony 0.0.8's default auto_drop_analysis drops analysis only before the first final
+    message, so from three assistant turns on it keeps a middle turn's (and of a single turn it
+    drops the very analysis to train); relief keeps the last turn's only (earlier chain-of-thought
+    is dropped, as in gpt-oss's chat template)."""
+    options = hm.RenderOptions(current_date=DATE)
+    ids, _ = hm.render_training(THREE_TURNS, options, tokenizer=harmony_tokenizer)
+    theirs = harmony_encoding.render_conversation_for_training(
+        _reference(harmony, THREE_TURNS, every_analysis=True))
+    ours_text, theirs_text = harmony_tokenizer.decode(ids), harmony_tokenizer.decode(theirs)
+    assert "Sphere." not in ours_text and "Sphere." not in theirs_text  # turn 1: both drop it
+    assert "Sphere again." not in ours_text and "Sphere again." in theirs_text  # turn 2: only relief drops it
+    assert "Contamination." in ours_text and "Contamination." in theirs_text  # the trained turn keeps it
+    assert theirs_text.replace("<|start|>assistant<|channel|>analysis<|message|>Sphere again.<|end|>", "") == ours_text
+    single = harmony_encoding.render_conversation_for_training(_reference(harmony, THINKING, every_analysis=True))
+    assert "CO risk." not in harmony_tokenizer.decode(single)  # its default drops a single turn's analysis
+    assert "CO risk." in harmony_tokenizer.decode(hm.render_training(THINKING, options, tokenizer=harmony_tokenizer)[0])
 
 
 @pytest.mark.parametrize("messages", [SINGLE, MULTI], ids=["single", "multi"])
@@ -186,25 +219,6 @@ def test_render_options_are_validated():
     with pytest.raises(ReliefError, match="YYYY-MM-DD"):
         hm.RenderOptions(current_date="5 Aug 2025")
     assert hm.RenderOptions(current_date=None).date() != ""
-
-
-def test_parse_completion_matches_openai_harmony(harmony, harmony_encoding, harmony_tokenizer):
-    text = (
-        "<|channel|>analysis<|message|>Check ERG 115.<|end|>"
-        "<|start|>assistant<|channel|>final<|message|>Isolate 100 m.<|return|>"
-    )
-    tokens = harmony_encoding.encode(text, allowed_special="all")
-    ours = hm.parse_completion(tokens, harmony_tokenizer)
-    ref = harmony_encoding.parse_messages_from_completion_tokens(tokens, harmony.Role.ASSISTANT)
-    assert [(m.channel, m.content) for m in ours] == [(m.channel, m.content[0].text) for m in ref]
-    assert all(m.complete and m.role == "assistant" for m in ours)
-
-
-def test_parse_completion_keeps_an_unfinished_message(harmony_tokenizer):
-    tok = harmony_tokenizer
-    tokens = [hm.CHANNEL, *tok.encode("final"), hm.MESSAGE, *tok.encode("Evacuate now")]
-    (msg,) = hm.parse_completion(tokens, tok)
-    assert (msg.channel, msg.content, msg.complete) == ("final", "Evacuate now", False)
 
 
 def test_wrapping_keeps_the_callers_tokenizer_unchanged(hf_tokenizer):

@@ -27,6 +27,6 @@ def scripted_engine(harmony_tokenizer):
     from relief_mlx.generate import Engine
 
     def make(script: list[int], context_length: int = 131_072) -> Engine:
-        return Engine(ScriptedModel(script), None, harmony_tokenizer, context_length)
+        return Engine(ScriptedModel(script), harmony_tokenizer, context_length)
 
     return make

@@ -81,3 +81,25 @@ def harmony_ids(tok, *parts) -> list[int]:
     for p in parts:
         out += [p] if isinstance(p, int) else tok.encode(p)
     return out
+
+
+class BigramModel:
+    """Quacks like the gpt-oss Model for one sequence or a batch: each row's next token is
+    `table[its current token]` (else `filler`), a one-hot logit. No caches, so any batch works."""
+
+    def __init__(self, table: dict[int, int], filler: int = 11):
+        self.table, self.filler = table, filler
+        self.model = lambda tokens, cache=None: mx.zeros((*tokens.shape, 1))  # prefill chunks
+
+    def make_cache(self) -> list:
+        return []
+
+    def __call__(self, tokens: mx.array, cache=None) -> mx.array:  # (B, 1) -> (B, 1, V)
+        following = mx.array([self.table.get(t, self.filler) for t in tokens[:, -1].tolist()])
+        return mx.where(mx.arange(VOCAB)[None] == following[:, None], 30.0, 0.0)[:, None, :]
+
+
+def cycle(tokens: list[int]) -> dict[int, int]:
+    """The bigram table that walks `tokens` round and round (each id may appear once)."""
+    assert len(set(tokens)) == len(tokens)
+    return {a: b for a, b in zip(tokens, tokens[1:] + tokens[:1], strict=True)}

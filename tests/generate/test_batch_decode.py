@@ -1,5 +1,6 @@
-"""Batched decoding against one prompt at a time, on the float32 mini model: `generate_batch`
-against `generate_tokens`, and `answer_file` in batches against `answer_file` one by one."""
+"""Batched decoding against one prompt at a time, on the float32 mini model: `generate_batch` and
+`BatchDecoder` with rows joining and leaving against `generate_tokens`, and `answer_file` in
+batches against `answer_file` one by one."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import json
 
 import numpy as np
 import pytest
+from gen_helpers import BigramModel, cycle, harmony_ids
 
+from relief_mlx.data.harmony import CHANNEL, END, MESSAGE, START
 from relief_mlx.errors import ReliefError
 from relief_mlx.generate import Engine, GenerateConfig, SamplingConfig
 from relief_mlx.generate.batch import answer_file, request_messages
-from relief_mlx.generate.loop import generate_batch, generate_tokens
+from relief_mlx.generate.loop import BatchDecoder, PromptCache, feed, generate_batch, generate_tokens
 
 # 200 is longer than the 128-token window; 3 + 160 and 40 + 150 decode across it
 PROMPT_LENGTHS, LIMITS, CHUNK = (3, 40, 200, 90), (160, 150, 60, 160), 64
@@ -110,6 +113,85 @@ def test_repetition_penalty_looks_at_each_rows_own_tokens(f32):
             together[row].append(step.token)
     assert together == alone
     assert all(tokens[0] in p[-16:] for tokens, p in zip(alone, prompts, strict=True))  # the penalty decided
+
+
+# Continuous batching: (prompt length, max tokens, step at which the row is added, step after which
+# the caller removes it). Row 3 joins once rows 0-2 are past the 128-token window (its own prompt
+# is longer than the window and is fed in 64-token chunks over four steps); row 2 leaves early (a
+# client gone); row 4 joins a batch that all others have left.
+JOINS = [(3, 160, 0, None), (150, 60, 0, None), (40, 100, 20, 30), (200, 50, 140, None), (2, 10, None, None)]
+
+
+@pytest.mark.slow
+def test_rows_that_join_and_leave_get_their_tokens_alone(f32):
+    model, _ = f32
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, 199_998, n).tolist() for n, *_ in JOINS]
+    counter = RowCounter(model)
+    decoder = BatchDecoder(counter, prefill_chunk=CHUNK)
+    rows, got, step = {}, [[] for _ in JOINS], 0
+    while len(rows) < len(JOINS) or len(decoder):
+        for i, (_, limit, at, _) in enumerate(JOINS):
+            if i not in rows and (at == step or (at is None and rows and not len(decoder))):
+                rows[i] = decoder.add(prompts[i], max_tokens=limit)
+        by_id = {rid: i for i, rid in rows.items()}
+        for rid, s in decoder.step().items():
+            got[by_id[rid]].append(s.token)
+            if len(got[by_id[rid]]) == JOINS[by_id[rid]][3]:
+                decoder.remove(rid)
+        step += 1
+    alone = [[s.token for s in generate_tokens(model, p, max_tokens=n, prefill_chunk=CHUNK)]
+             for p, (_, n, _, _) in zip(prompts, JOINS, strict=True)]
+    assert got == [a[:stop] if stop else a for a, (*_, stop) in zip(alone, JOINS, strict=True)]
+    assert max(counter.rows) == 3 and counter.rows[-10:] == [1] * 10  # rows 0-2 together; row 4 alone
+    assert sum(counter.rows) <= sum(map(len, got)) + len(JOINS)  # a finished row costs one step at most
+
+
+def test_the_decoder_restores_prompt_cache_snapshots(f32):
+    model, _ = f32
+    rng = np.random.default_rng(6)
+    first = rng.integers(0, 199_998, 40).tolist()
+    second = first + rng.integers(0, 199_998, 30).tolist()  # a follow-up: the first prompt, then more
+    cache = PromptCache(capacity=4)
+    decoder = BatchDecoder(model, prefill_chunk=CHUNK)
+    decoder.add(first, max_tokens=3, prompt_cache=cache, snapshots=[10])
+    steps = []
+    while len(decoder):
+        steps += decoder.step().values()
+    assert cache.prefixes == [tuple(first[:10]), tuple(first[:-1])]
+    decoder.add(second, max_tokens=5, prompt_cache=cache)
+    again = []
+    while len(decoder):
+        again += decoder.step().values()
+    assert [s.reused_tokens for s in again] == [39] * 5 and steps[0].reused_tokens == 0
+    assert [s.token for s in again] == [s.token for s in generate_tokens(model, second, max_tokens=5)]
+    assert cache.prefixes[-1] == tuple(second[:-1])
+
+
+def test_a_prompt_cache_keeps_the_most_recently_used_snapshots(f32):
+    model, _ = f32
+    cache = PromptCache(capacity=2)
+    for tokens in ([1, 2], [1, 2, 3, 4], [7, 8]):
+        caches = model.make_cache()
+        feed(model, tokens, caches, CHUNK)
+        cache.keep(caches, tokens)
+    assert cache.prefixes == [(1, 2, 3, 4), (7, 8)]  # [1, 2] was the least recently used
+    assert cache.restore(model, [1, 2, 3, 4, 5])[1] == 4 and cache.restore(model, [1, 2, 9])[1] == 0
+    assert cache.prefixes == [(7, 8), (1, 2, 3, 4)]  # the restored one is the most recent now
+    with pytest.raises(ReliefError, match="prompt cache size"):
+        PromptCache(capacity=0)
+
+
+def test_the_batch_path_stops_after_a_final_messages_end(harmony_tokenizer, tmp_path):
+    """Guards issue #10 item 2 on the batched path (`relief generate --prompts`)."""
+    table = cycle(harmony_ids(harmony_tokenizer, "assistant", CHANNEL, "final", MESSAGE, "Boil it.", END, START))
+    engine = Engine(BigramModel(table), harmony_tokenizer)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(3)))
+    answer_file(engine, prompts, tmp_path / "out.jsonl", GenerateConfig(max_tokens=50), batch_size=2)
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    n = len(harmony_ids(harmony_tokenizer, CHANNEL, "final", MESSAGE, "Boil it.", END))  # to the <|end|>
+    assert [(r["answer"], r["finish_reason"], r["generated_tokens"]) for r in records] == [("Boil it.", "stop", n)] * 3
 
 
 def test_generate_batch_rejects_an_empty_prompt(f32):

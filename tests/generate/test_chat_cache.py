@@ -57,7 +57,7 @@ def mini_f32(mini_mlx_f32):
 
 def sessions(model, harmony_tokenizer, **sampling):
     config = GenerateConfig(max_tokens=12, sampling=SamplingConfig(**sampling))
-    engine = Engine(CountingModel(model), None, harmony_tokenizer)
+    engine = Engine(CountingModel(model), harmony_tokenizer)
     return ChatSession(engine, config, SYSTEM), ChatSession(engine, config, SYSTEM, reuse=False)
 
 
@@ -117,7 +117,7 @@ def test_a_new_system_message_or_reset_prefills_from_scratch(mini_f32, harmony_t
     assert reply.reused_tokens == 0 and taken == prompt[:-1]  # the system message changed
     assert reply.tokens == turn(fresh, QUESTIONS[1])[2].tokens
     reuse.command("/reset")
-    assert reuse.prompt_cache.states is None
+    assert reuse.prompt_cache.prefixes == []
     prompt, taken, reply = turn(reuse, QUESTIONS[2])
     assert reply.reused_tokens == 0 and taken == prompt[:-1]
 
@@ -138,9 +138,10 @@ def test_reuse_with_a_repetition_penalty_keeps_its_look_back(mini_f32, harmony_t
     assert reply.reused_tokens == len(first) - 64 and taken == prompt[len(first) - 64:-1]
 
 
-def kv(snapshot: PromptCache) -> list[np.ndarray]:
+def kv(snapshot: PromptCache, model, prompt) -> list[np.ndarray]:
     """The K/V a snapshot holds: a full cache's first `offset` rows, a rotating cache's window."""
-    return [np.array(x[..., :min(state[2], x.shape[2]), :]) for state in snapshot.states for x in state[:2]]
+    states = [c.state for c in snapshot.restore(model, prompt)[0]]
+    return [np.array(x[..., :min(state[2], x.shape[2]), :]) for state in states for x in state[:2]]
 
 
 def test_the_snapshot_survives_the_generation_that_follows(mini_f32, harmony_tokenizer):
@@ -150,10 +151,10 @@ def test_the_snapshot_survives_the_generation_that_follows(mini_f32, harmony_tok
     feed(mini_f32, prompt[:-3], cache, chunk=64)
     feed(mini_f32, prompt[-3:-1], cache, chunk=1)  # one-token steps: the window is now written in place
     snapshot.keep(cache, prompt[:-1])
-    before = kv(snapshot)
+    before = kv(snapshot, mini_f32, prompt)
     steps = list(generate_tokens(mini_f32, prompt[-1:], max_tokens=150, cache=cache))  # past the window
     assert len(steps) == 150 and cache[0].offset == len(prompt) + 149
-    after = kv(snapshot)
+    after = kv(snapshot, mini_f32, prompt)
     assert len(before) == 2 * len(cache) and all((a == b).all() for a, b in zip(before, after, strict=True))
     restored, reused = snapshot.restore(mini_f32, prompt)
     assert reused == len(prompt) - 1 and [c.offset for c in restored] == [len(prompt) - 1] * len(cache)

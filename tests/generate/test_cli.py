@@ -42,7 +42,7 @@ def run(*args, stdin=None):
 
 def one_error_line(result) -> str:
     assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("loading ")]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     return lines[0]
 
@@ -77,7 +77,10 @@ def test_raw_prints_the_harmony_tokens(scripted_cli, harmony_tokenizer):
     (["--prompt", "hi", "--top-p", "1.5"], "top-p 1.5 is not valid"),
     (["--prompt", "hi", "--temperature", "-1"], "temperature -1.0 is not valid"),
     (["--prompt", "hi", "--max-tokens", "0"], "max-tokens 0 is not valid"),
-    (["--prompts", "x.jsonl"], "pass either --prompt TEXT, or --prompts FILE.jsonl with --out"),
+    (["--prompts", "x.jsonl"], "pass either --prompt TEXT, or --prompts FILE.jsonl with --answers"),
+    (["--prompts", "x.jsonl", "--answers", "o.jsonl", "--raw"], "--raw shapes what one --prompt prints; --prompts"),
+    (["--prompts", "x.jsonl", "--answers", "o.jsonl", "--show-reasoning"], "--show-reasoning shapes what one"),
+    (["--prompt", "x", "--seed", "3"], "--seed 3 has nothing to seed: --temperature 0 is greedy"),
 ])
 def test_bad_arguments_fail_in_one_line(args, message, scripted_cli):
     scripted_cli([])
@@ -121,7 +124,7 @@ def test_prompts_file_with_a_bad_line_answers_the_rest(fast_load, mini_mlx, tmp_
     prompts, out = tmp_path / "p.jsonl", tmp_path / "o.jsonl"
     prompts.write_text('{"prompt": "first", "id": 7}\n{"prompt": \n\n'
                        '{"messages": [{"role": "user", "content": "third"}]}\n{"prompt": ""}\n')
-    result = run("generate", "--model", mini_mlx, "--prompts", prompts, "--out", out, "--max-tokens", "3")
+    result = run("generate", "--model", mini_mlx, "--prompts", prompts, "--answers", out, "--max-tokens", "3")
     assert result.exit_code == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: 2 line(s) of")
     assert f"{prompts}:2: error: not valid JSON" in result.stderr
@@ -131,9 +134,27 @@ def test_prompts_file_with_a_bad_line_answers_the_rest(fast_load, mini_mlx, tmp_
     assert records[2]["generated_tokens"] == 3 and "error" in records[1] and "error" in records[3]
 
 
+def test_a_line_is_printed_while_the_model_loads(fast_load, mini_mlx):
+    result = run("generate", "--model", mini_mlx, "--prompt", "hi", "--max-tokens", "2")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines()[0] == f"loading {mini_mlx} ..."
+
+
+def test_generation_wires_the_model_memory_where_the_backend_recommends_it(fast_load, mini_mlx, monkeypatch):
+    """Metal's call path, run on any backend: mlx-lm's wired_limit reads the recommended working set
+    from mx.device_info() and sets it around generation, then restores the old limit."""
+    import mlx.core as mx
+
+    calls = []
+    monkeypatch.setattr(mx, "device_info", lambda: {"max_recommended_working_set_size": 3 * 2**30})
+    monkeypatch.setattr(mx, "set_wired_limit", lambda n: calls.append(n) or 0)
+    assert run("generate", "--model", mini_mlx, "--prompt", "hi", "--max-tokens", "2").exit_code == 0
+    assert calls == [3 * 2**30, 0]
+
+
 def test_batch_size_below_one_is_refused(scripted_cli, tmp_path):
     scripted_cli([])
-    result = run("generate", "--model", "m", "--prompts", tmp_path / "p.jsonl", "--out", tmp_path / "o.jsonl",
+    result = run("generate", "--model", "m", "--prompts", tmp_path / "p.jsonl", "--answers", tmp_path / "o.jsonl",
                  "--batch-size", "0")
     assert result.exit_code == 2 and "--batch-size" in result.output and "0 is not in the range x>=1" in result.output
 

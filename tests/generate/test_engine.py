@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from gen_helpers import harmony_ids
+from gen_helpers import BigramModel, cycle, harmony_ids
 
 from relief_mlx.data.harmony import (
     CALL,
@@ -18,7 +18,15 @@ from relief_mlx.data.harmony import (
     render_prompt,
 )
 from relief_mlx.errors import ReliefError
-from relief_mlx.generate.engine import GenerateConfig, PromptCache, adapter_folder, answer, complete
+from relief_mlx.generate.engine import (
+    Engine,
+    GenerateConfig,
+    PromptCache,
+    adapter_folder,
+    answer,
+    complete,
+    stop_ids,
+)
 
 USER = [{"role": "user", "content": "How long should I boil water?"}]
 
@@ -74,7 +82,7 @@ def test_reused_prompt_tokens_count_toward_the_context(scripted_engine, harmony_
                      for m in (USER, follow_up))
     engine, cache = scripted_engine([], context_length=len(second) + 2), PromptCache()
     answer(engine, USER, GenerateConfig(max_tokens=2), prompt_cache=cache)
-    assert cache.tokens == first[:-1]
+    assert cache.prefixes == [tuple(first[:-1])]
     reply = answer(engine, follow_up, GenerateConfig(), prompt_cache=cache)
     assert reply.reused_tokens == len(first) - 1 and engine.model.fed[1][:-1] == second[len(first) - 1:]
     assert reply.finish_reason == "context" and len(reply.tokens) == 2  # the whole prompt filled the context
@@ -131,3 +139,51 @@ def test_adapter_folder_errors_name_the_way_out(tmp_path):
     make_adapter_files(tmp_path / "runs" / "a" / "best")
     with pytest.raises(ReliefError, match="try .*best"):
         adapter_folder(tmp_path / "runs" / "a", tmp_path)
+
+
+def final_then_more(tok, closer=END):
+    """A bigram cycle: final message "Boil it." closed by `closer`, then another message, forever."""
+    return cycle(harmony_ids(tok, "assistant", CHANNEL, "final", MESSAGE, "Boil it.", closer, START))
+
+
+def test_end_after_a_final_message_stops_the_answer(harmony_tokenizer):
+    """Guards issue #10 item 2 on the single-sequence path."""
+    engine = Engine(BigramModel(final_then_more(harmony_tokenizer)), harmony_tokenizer)
+    reply = answer(engine, USER, GenerateConfig(max_tokens=50))
+    assert reply.final == "Boil it." and reply.finish_reason == "stop"
+    assert reply.tokens[-1] == END and reply.tokens.count(END) == 1
+
+
+def test_every_eos_id_of_the_checkpoint_stops_the_answer(harmony_tokenizer, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 200002}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [200002, 199999, 200012]}))
+    assert stop_ids(tmp_path) == {RETURN, 199_999, CALL}
+    table = final_then_more(harmony_tokenizer, closer=199_999)
+    reply = answer(Engine(BigramModel(table), harmony_tokenizer, stop_ids=stop_ids(tmp_path)), USER, GenerateConfig())
+    assert reply.final == "Boil it." and reply.finish_reason == "stop" and reply.tokens[-1] == 199_999
+    endless = answer(Engine(BigramModel(table), harmony_tokenizer), USER, GenerateConfig(max_tokens=30))
+    assert endless.finish_reason == "length"  # the same stream without the checkpoint's eos ids
+
+
+def test_engine_load_reads_the_tokenizer_without_mlx_lms_wrapper(mini_mlx, monkeypatch):
+    """Guards issue #10 item 8: the wrapper (an HF tokenizer) took seconds only to be copied."""
+    import mlx_lm.utils
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Engine.load built mlx-lm's tokenizer wrapper")
+
+    monkeypatch.setattr(mlx_lm.utils, "load_tokenizer", refuse)
+    engine = Engine.load(mini_mlx)
+    assert engine.harmony.encode("hello world") == engine.harmony.backend.encode("hello world").ids
+    assert engine.stop_ids == {RETURN, 199_999, CALL}
+
+
+
+def test_head_length_covers_the_system_and_developer_messages(scripted_engine, harmony_tokenizer):
+    engine = scripted_engine([])
+    for messages in (USER, [{"role": "system", "content": "Be brief."}, *USER]):
+        prompt = engine.render(messages, "low")
+        head = engine.head_length(prompt)
+        assert harmony_tokenizer.decode(prompt[head:]).startswith("<|start|>user<|message|>How long")
+        assert harmony_tokenizer.decode(prompt[:head]).endswith(("Channel must be included for every message.<|end|>",
+                                                                "Be brief.<|end|>"))

@@ -13,7 +13,6 @@ from relief_mlx.data.harmony import (
     MESSAGE,
     RETURN,
     START,
-    parse_completion,
 )
 from relief_mlx.generate.harmony_stream import Delta, HarmonyStream, parse_tokens
 
@@ -38,7 +37,24 @@ def test_analysis_then_final(tok):
     assert stream.done and stream.stop_token == RETURN
     assert stream.text("final") == "Boil water for one minute."
     assert [(m.channel, m.complete) for m in stream.messages] == [("analysis", True), ("final", True)]
-    assert stream.messages == parse_completion(tokens, tok)  # agrees with the batch parser
+    assert stream.messages == parse_tokens(tokens, tok.decode).messages  # the whole-list parse agrees
+
+
+def test_parsing_matches_openai_harmony(tok, harmony_encoding):
+    harmony = pytest.importorskip("openai_harmony")
+    text = ("<|channel|>analysis<|message|>Check ERG 115.<|end|>"
+            "<|start|>assistant<|channel|>final<|message|>Isolate 100 m.<|return|>")
+    tokens = harmony_encoding.encode(text, allowed_special="all")
+    ours = parse_tokens(tokens, tok.decode).messages
+    ref = harmony_encoding.parse_messages_from_completion_tokens(tokens, harmony.Role.ASSISTANT)
+    assert [(m.channel, m.content) for m in ours] == [(m.channel, m.content[0].text) for m in ref]
+    assert all(m.complete and m.role == "assistant" for m in ours)
+
+
+def test_an_unfinished_message_is_kept_incomplete(tok):
+    tokens = [CHANNEL, *tok.encode("final"), MESSAGE, *tok.encode("Evacuate now")]
+    (msg,) = parse_tokens(tokens, tok.decode).messages
+    assert (msg.channel, msg.content, msg.complete) == ("final", "Evacuate now", False)
 
 
 def test_channel_name_split_across_tokens(tok):
@@ -123,3 +139,24 @@ def test_start_inside_a_body_closes_it_as_incomplete(tok):
     stream = parse_tokens(tokens, tok.decode)
     assert [(m.channel, m.content, m.complete) for m in stream.messages] == [
         ("analysis", "no end", False), ("final", "fine", True)]
+
+
+def test_end_closing_a_final_message_ends_the_answer_but_not_an_analysis(tok):
+    """Guards issue #10 item 2: a model trained on earlier turns' `final ... <|end|>` must stop there."""
+    tokens = harmony_ids(tok, CHANNEL, "analysis", MESSAGE, "Think.", END, START, "assistant", CHANNEL, "final",
+                         MESSAGE, "Boil it.", END, START, "assistant", CHANNEL, "final", MESSAGE, "Again.")
+    stream = HarmonyStream(tok.decode)
+    done_after = [stream.done for t in tokens if stream.feed(t) or True]
+    assert stream.stop_token == END and stream.text("final") == "Boil it."
+    assert done_after.index(True) == tokens.index(END, tokens.index(END) + 1)  # the second <|end|>, not the first
+    assert [(m.channel, m.complete) for m in stream.messages] == [("analysis", True), ("final", True)]
+
+
+def test_an_eos_id_closes_the_message_and_ends_the_answer(tok):
+    tokens = harmony_ids(tok, CHANNEL, "final", MESSAGE, "Boil it.", 199_999, "more")
+    stream = HarmonyStream(tok.decode, stop_ids={199_999, RETURN})
+    feed_all(stream, tokens)
+    assert stream.done and stream.stop_token == 199_999 and stream.text("final") == "Boil it."
+    plain = HarmonyStream(tok.decode)  # without it, <|endoftext|> is a stray control token in the body
+    feed_all(plain, tokens)
+    assert not plain.done and plain.text("final") == "Boil it.more"

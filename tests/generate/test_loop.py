@@ -70,8 +70,8 @@ def test_incremental_decoding_equals_full_forward_across_the_window(mini_loaded)
     ids = mx.array(random_prompt(272, seed=2), dtype=mx.int32)
     start = 96  # prefill 96 tokens in chunks of 40, then decode across 128 (window) and 256 (cache step)
     cache = model.make_cache()
-    rows = [prefill(model, ids[:start], cache, chunk=40)[0]]
-    rows += [decode(model, ids[t:t + 1], cache)[0] for t in range(start, ids.size)]
+    rows = [prefill(model, ids[None, :start], cache, chunk=40)[0]]
+    rows += [decode(model, ids[t:t + 1], cache)[0] for t in range(start, ids.size)]  # (1,) rows
     incremental = np.array(mx.stack(rows))  # (positions, V) for positions start-1 .. end-1
     hidden = model.model(ids[None])[0, start - 1:]  # full pass, no cache: masks instead
     # lm_head of the full pass in numpy (fast BLAS); the model's own lm_head runs in `rows`
@@ -84,8 +84,8 @@ def test_incremental_decoding_equals_full_forward_across_the_window(mini_loaded)
 def test_prefill_chunk_size_does_not_change_the_answer(mini_loaded):
     model, _ = mini_loaded
     prompt = random_prompt(300, seed=3)
-    one = np.array(prefill(model, mx.array(prompt), model.make_cache(), chunk=512))
-    many = np.array(prefill(model, mx.array(prompt), model.make_cache(), chunk=70))
+    one = np.array(prefill(model, mx.array([prompt]), model.make_cache(), chunk=512))
+    many = np.array(prefill(model, mx.array([prompt]), model.make_cache(), chunk=70))
     assert np.abs(one - many).max() < 1e-4
 
 
@@ -114,3 +114,15 @@ def test_empty_prompt_is_a_relief_error(mini_loaded):
     model, _ = mini_loaded
     with pytest.raises(ReliefError, match="no tokens"):
         next(generate_tokens(model, [], max_tokens=3))
+
+
+def test_feed_returns_each_prefill_chunk_to_the_os(mini_loaded, monkeypatch):
+    """As mlx-lm's prefill: the buffer cache is cleared after every chunk, so on a Mac the chunks'
+    activations do not stay cached beside the model."""
+    from relief_mlx.generate.loop import feed
+
+    cleared = []
+    monkeypatch.setattr(mx, "clear_cache", lambda: cleared.append(1))
+    model = mini_loaded[0]
+    feed(model, random_prompt(70), model.make_cache(), chunk=32)
+    assert len(cleared) == 3  # 32 + 32 + 6 tokens

@@ -40,7 +40,8 @@ def test_raw_prints_while_generating(monkeypatch, scripted_engine, harmony_token
     echo = click.echo
 
     def spy(message=None, **kwargs):
-        printed.append((message, engine.model.calls))
+        if not kwargs.get("err"):  # stdout only (stderr says "loading m ..." first)
+            printed.append((message, engine.model.calls))
         echo(message, **kwargs)
 
     monkeypatch.setattr(click, "echo", spy)

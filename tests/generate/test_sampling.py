@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from relief_mlx.errors import ReliefError
-from relief_mlx.generate.sampling import Sampler, SamplingConfig, filtered, recent_tokens, repetition_penalty
+from relief_mlx.generate.sampling import Sampler, SamplingConfig, filtered, repetition_penalty
 
 LOGITS = mx.array([[0.0, 3.0, 1.0, 2.9, -1.0, 0.5]])  # (1, V=6); token 1 is the argmax
 
@@ -90,12 +90,33 @@ def test_sampling_only_picks_kept_tokens():
 def test_rows_sampled_together_penalize_their_own_tokens_and_filter_keeps_the_right_row():
     sample = Sampler(SamplingConfig(repetition_penalty=1.5, repetition_context=1), [[1], [0]])
     assert sample(mx.concatenate([LOGITS, LOGITS]))[0].tolist() == [3, 1]  # row 0 saw 1, row 1 did not
-    sample.filter(mx.array([1]))  # row 1 (which just chose 1) stays
+    sample.filter([1])  # row 1 (which just chose 1) stays
     assert sample(LOGITS)[0].tolist() == [3]  # row 0's history (3) would have kept 1
 
 
-def test_a_short_row_of_recent_tokens_is_penalized_once():
-    recent = recent_tokens([[5], [1, 2, 3]], 2)
-    assert recent.tolist() == [[5, 5], [2, 3]]
-    out = np.array(repetition_penalty(mx.concatenate([LOGITS, LOGITS]), recent, 2.0))
-    assert np.allclose(out, [[0.0, 3.0, 1.0, 2.9, -1.0, 0.25], [0.0, 3.0, 0.5, 1.45, -1.0, 0.5]])
+def test_each_row_keeps_its_own_settings_and_draws_as_if_alone():
+    """Greedy, seeded and penalized rows in one batch choose what each would alone; a row that
+    joins later (`extend`) keeps its key, and the batch's other rows do not change its draws."""
+    logits = mx.random.normal((1, 50), key=mx.random.key(0))
+    configs = [SamplingConfig(), SamplingConfig(temperature=1.0, seed=3),
+               SamplingConfig(temperature=0.7, top_p=0.8, seed=4), SamplingConfig(repetition_penalty=5.0)]
+    prompts = [[1], [2], [3], [int(mx.argmax(logits).item())]]
+
+    def alone(config, prompt):
+        sample = Sampler(config, mx.array(prompt))
+        return [sample(logits)[0].item() for _ in range(6)]
+
+    together = Sampler(configs[:2], prompts[:2])
+    rows = [together(mx.concatenate([logits] * 2))[0].tolist() for _ in range(2)]
+    together.extend(Sampler(configs[2:], prompts[2:]))  # two rows join after two steps
+    rows += [together(mx.concatenate([logits] * 4))[0].tolist() for _ in range(4)]
+    columns = [[step[b] for step in rows if len(step) > b] for b in range(4)]
+    assert columns[:2] == [alone(c, p) for c, p in zip(configs[:2], prompts[:2], strict=True)]
+    assert columns[2:] == [alone(c, p)[:4] for c, p in zip(configs[2:], prompts[2:], strict=True)]
+    assert columns[0] == [columns[0][0]] * 6 and len(set(columns[1])) > 1  # greedy repeats, sampling varies
+    assert columns[3][0] != prompts[3][0]  # the penalty moved the penalized row off the argmax
+
+
+def test_one_setting_per_prompt():
+    with pytest.raises(ReliefError, match="2 sampling settings for 3 prompts"):
+        Sampler([SamplingConfig()] * 2, [[1], [2], [3]])

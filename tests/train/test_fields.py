@@ -44,6 +44,7 @@ def test_every_recipe_field_reaches_the_code_that_uses_it(make_recipe, monkeypat
         "train.grad_checkpoint=true", "train.max_grad_norm=0.5", "train.weight_decay=0.01",
         "lora.dropout=0.1", "lora.layers=2", "validation.every=1", "validation.max_batches=1",
         "validation.patience=3", "output.checkpoint_every=1", "output.report_every=1",
+        "eval.enabled=true", "eval.max_tokens=2",
     )
     reads = _Reads()
     spied = dataclasses.replace(base, **{name: reads.spy(name, getattr(base, name)) for name in SECTIONS})

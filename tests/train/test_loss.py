@@ -126,7 +126,11 @@ def test_chunked_head_peak_memory_stays_flat_while_plain_grows(head):
 
     chunked = lambda head, h, t, w: chunked_cross_entropy(head, h, t, w, 32)  # noqa: E731
     one_chunk = 32 * 100_000 * 4
-    assert peak(chunked, 512) < 12 * one_chunk  # 16 chunks, never all alive together
+    # A few (chunk, V) arrays at once (6.0 measured: one chunk's logits and exp, while the next
+    # starts), whatever the number of chunks: 4, 16 or 32 of them.
+    peaks = [peak(chunked, k) for k in (128, 512, 1024)]
+    assert max(peaks) < 7 * one_chunk
+    assert max(peaks) < 1.1 * min(peaks)
     assert peak(plain, 512) > 16 * one_chunk  # the plain head holds all 512 rows of logits
 
 

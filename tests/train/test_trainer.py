@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -12,8 +13,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from train_helpers import assert_trees_close, write_dataset
 
 from relief_mlx.errors import ReliefError
+from relief_mlx.recipe import TrainSection
 from relief_mlx.train import resume_recipe, train
 from relief_mlx.train import state as state_module
 from relief_mlx.train import trainer as trainer_module
@@ -21,12 +24,6 @@ from relief_mlx.train import trainer as trainer_module
 
 def arrays(path) -> dict[str, np.ndarray]:
     return {k: np.array(v) for k, v in mx.load(str(path), format="safetensors").items()}
-
-
-def assert_same(a: dict, b: dict, atol: float) -> None:
-    assert set(a) == set(b)
-    for k in a:
-        np.testing.assert_allclose(a[k], b[k], atol=atol, rtol=0, err_msg=k)
 
 
 @pytest.mark.slow
@@ -90,10 +87,8 @@ def test_resumed_run_equals_a_straight_run(make_recipe):
     assert first.status == "interrupted" and first.summary["steps"] == 3
     resumed = train(resume_recipe(first.run_dir), resume=first.run_dir)
     assert resumed.status == "finished" and resumed.summary["steps"] == 6
-    for name in ("adapters.safetensors", "optimizer.safetensors"):
-        assert_same(arrays(straight.run_dir / "checkpoint" / name), arrays(resumed.run_dir / "checkpoint" / name), 1e-6)
-    assert_same(arrays(straight.run_dir / "best" / "adapters.safetensors"),
-                arrays(resumed.run_dir / "best" / "adapters.safetensors"), 1e-6)
+    for name in ("checkpoint/adapters.safetensors", "checkpoint/optimizer.safetensors", "best/adapters.safetensors"):
+        assert_trees_close(arrays(straight.run_dir / name), arrays(resumed.run_dir / name), 1e-6, name)
     metrics = [json.loads(line) for line in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4, 5, 6]  # no step twice
     assert [m["step"] for m in metrics if "val_loss" in m] == [2, 4, 6]
@@ -265,3 +260,76 @@ def test_a_fresh_run_refuses_a_used_folder(make_recipe):
     train(recipe)
     with pytest.raises(ReliefError, match=r"already holds files; continue that run with --resume"):
         train(recipe)
+
+
+def test_training_wires_the_model_memory_where_the_backend_recommends_it(make_recipe, monkeypatch):
+    """Metal's call path on any backend: the loop runs inside mlx-lm's wired_limit, which sets the
+    recommended working set from mx.device_info() and restores the old limit at the end."""
+    calls = []
+    monkeypatch.setattr(mx, "device_info", lambda: {"max_recommended_working_set_size": 5 * 2**30})
+    monkeypatch.setattr(mx, "set_wired_limit", lambda n: calls.append(n) or 0)
+    train(make_recipe("train.iterations=1"))
+    assert calls == [5 * 2**30, 0]
+
+
+def test_a_finished_run_is_extended_with_more_iterations(make_recipe):
+    """Regression: the whole recipe was the resume identity, so --set train.iterations was refused."""
+    first = train(make_recipe("train.iterations=2", "validation.every=1"))
+    extended = train(resume_recipe(first.run_dir, None, ("train.iterations=3", "validation.every=3")),
+                     resume=first.run_dir)
+    assert extended.status == "finished" and extended.summary["steps"] == 3
+    assert [step for step, _ in extended.summary["val_losses"]] == [1, 2, 3]
+    assert "iterations = 3" in (first.run_dir / "recipe.toml").read_text()  # the run folder says what ran
+    with pytest.raises(ReliefError, match=r"another recipe \(train.learning_rate differ\)"):
+        train(resume_recipe(first.run_dir, None, ("train.learning_rate=0.5",)), resume=first.run_dir)
+
+
+def test_resume_finds_the_checkpoint_a_crash_left_between_the_two_renames(make_recipe):
+    """Regression: with checkpoint/ moved aside and the new one not yet in place, --resume said
+    "no complete checkpoint" although .checkpoint.old-PID held it whole."""
+    first = train(make_recipe("train.iterations=2", "output.checkpoint_every=1"))
+    run = first.run_dir
+    (run / "checkpoint").rename(run / ".checkpoint.old-4242")
+    resumed = train(resume_recipe(run, None, ("train.iterations=3",)), resume=run)
+    assert resumed.summary["steps"] == 3
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]  # continued from step 2, not from scratch
+    assert (run / "checkpoint" / "state.json").is_file() and not list(run.glob(".checkpoint.old-*"))
+
+
+def test_a_valid_split_with_no_example_that_fits_is_refused_when_the_data_loads(make_recipe, tmp_path):
+    """Regression: every validation example too long ended in a 0/0 ZeroDivisionError at the first validation."""
+    data = write_dataset(tmp_path / "data")
+    long_answer = {"messages": [{"role": "user", "content": "Tell me everything."},
+                                {"role": "assistant", "content": "water " * 200}]}
+    (data / "valid.jsonl").write_text(json.dumps(long_answer) + "\n")
+    with pytest.raises(ReliefError, match=r"no valid example fits data.max_length = 128 \(1 dropped as too long\); "
+                                          r"raise it or set validation.every = -1") as e:
+        train(make_recipe(f"data.path=\"{data}\"", "validation.every=1"))
+    assert "\n" not in str(e.value)
+    assert train(make_recipe(f"data.path=\"{data}\"", "train.iterations=1", name="no-valid")).status == "finished"
+
+
+# ---------------------------------------------------------------- learning-rate schedules
+
+
+def lrs(total, **kw):
+    schedule = trainer_module.learning_rate(TrainSection(**kw), total)
+    return [schedule(mx.array(s)).item() for s in range(total)]
+
+
+def test_cosine_with_warmup():
+    values = lrs(12, learning_rate=1e-3, warmup_steps=2, min_learning_rate=1e-4)
+    assert values[:2] == pytest.approx([5e-4, 1e-3])
+    assert values[2] == pytest.approx(1e-3)
+    assert values[7] == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 5 / 10)))
+    assert values == sorted(values[:2]) + sorted(values[2:], reverse=True)
+
+
+def test_linear_is_transformers_default_decay():
+    # transformers' get_linear_schedule_with_warmup(0 warmup): lr * (total - s) / total
+    assert lrs(4, learning_rate=1e-4, schedule="linear") == pytest.approx([1e-4, 0.75e-4, 0.5e-4, 0.25e-4])
+
+
+def test_constant():
+    assert lrs(3, learning_rate=2e-4, schedule="constant", warmup_steps=1) == pytest.approx([2e-4] * 3)

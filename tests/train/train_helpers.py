@@ -16,6 +16,7 @@ TOPICS = [
     ("A child is alone.", "Keep them with a trained carer, register them and start tracing."),
     ("The road is flooded.", "Do not drive through; wait for the engineers' assessment."),
     ("Someone smells gas.", "Evacuate upwind, no sparks or phones, and call the hazmat team."),
+    ("The clinic runs out of gloves.", "Prioritise gloves for wound care and request a resupply today."),
 ]
 
 
@@ -23,11 +24,15 @@ def write_dataset(folder: Path, n_train: int = 8, n_valid: int = 3) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
             for q, a in TOPICS]
-    splits = {"train": rows[:n_train], "valid": rows[len(rows) - n_valid:]}
+    assert n_train + n_valid <= len(rows), "validation rows must not repeat training rows"
+    # test: one item with the key_facts `relief eval` (the [eval] section) scores
+    test = [rows[0] | {"category": "wash", "key_facts": [
+        {"fact": "30 m from the latrines", "any": ["30 metres"]}, {"fact": "uphill", "any": ["uphill"]},
+        {"fact": "from the latrines", "any": ["latrines"]}]}]
+    splits = {"train": rows[:n_train], "valid": rows[n_train:n_train + n_valid], "test": test}
     for split, lines in splits.items():
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     return folder
-
 
 
 def build(path: Path):
@@ -39,3 +44,15 @@ def build(path: Path):
     model = build_model(json.loads((Path(path) / "config.json").read_text()), read_weights(Path(path)))
     mx.eval(model.parameters())
     return model
+
+
+def assert_trees_close(want: dict, got: dict, rtol: float, what: str = "") -> None:
+    """Every tensor of `got` equals `want`'s within `rtol` of that tensor's scale (its largest
+    magnitude): Adam's second moments are ~1e-8, which an absolute tolerance would never check."""
+    import numpy as np
+
+    assert set(got) == set(want), what
+    for k, a in want.items():
+        a, b = np.asarray(a), np.asarray(got[k])
+        assert np.abs(a).max() > 0 or np.abs(b).max() == 0, f"{what}:{k}"
+        np.testing.assert_allclose(b, a, rtol=rtol, atol=rtol * np.abs(a).max(), err_msg=f"{what}:{k}")
