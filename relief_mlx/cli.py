@@ -552,7 +552,11 @@ def _lengths(ctx: click.Context, param: click.Parameter, value: str) -> tuple[in
               help="Instead of --model: random weights at a preset's shapes, in memory.")
 @click.option("--experts", type=click.Choice(EXPERT_FORMATS),
               help="A preset's experts: mxfp4 (as published; auto is the same) or dequantized to the dtype the "
-                   "model runs in here (float32 on CPU, bfloat16 on GPUs) [default: mxfp4].")
+                   "model runs in (--dtype) [default: mxfp4].")
+@click.option("--shared-experts", is_flag=True,
+              help="Every layer holds layer 0's dense experts: a deep float32 model timed in less memory.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]),
+              help="Float weights [default: the backend's: float32 on the CPU, bfloat16 on GPUs].")
 @click.option("--prompt-lengths", default="128,512,2048", show_default=True, callback=_lengths,
               help="Prompt lengths whose prefill is timed; decode follows the shortest.")
 @click.option("--gen-lengths", default="128,512", show_default=True, callback=_lengths,
@@ -573,7 +577,8 @@ def _lengths(ctx: click.Context, param: click.Parameter, value: str) -> tuple[in
 @click.option("--out", type=click.Path(dir_okay=False),
               help="File to write the results to as JSON; the chart goes beside it (.png).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Chart file [default: --out with .png].")
-def bench(model: str | None, preset: str | None, experts: str | None, prompt_lengths: tuple[int, ...],
+def bench(model: str | None, preset: str | None, experts: str | None, shared_experts: bool, dtype: str | None,
+          prompt_lengths: tuple[int, ...],
           gen_lengths: tuple[int, ...], trials: int, prefill_chunk: int, recipe: str | None, train_seq: int | None,
           no_training: bool, compare: tuple[str, ...], seed: int, bandwidth_mib: int | None, out: str | None,
           plot_path: str | None) -> None:
@@ -587,7 +592,8 @@ def bench(model: str | None, preset: str | None, experts: str | None, prompt_len
     from .bench.memory import MeasurementError
     from .bench.report import format_table, measurement_errors, plot, write
 
-    config = BenchConfig(model=model, preset=preset, experts=experts, prompt_lengths=prompt_lengths,
+    config = BenchConfig(model=model, preset=preset, experts=experts, shared_experts=shared_experts, dtype=dtype,
+                         prompt_lengths=prompt_lengths,
                          gen_lengths=gen_lengths, trials=trials, prefill_chunk=prefill_chunk,
                          training=not no_training, recipe=recipe, train_seq=train_seq, compare=compare, seed=seed,
                          bandwidth_mib=bandwidth_mib)

@@ -135,6 +135,10 @@ class TrainSection:
     """Seeds LoRA initialization, dropout and the data order."""
     max_bad_steps: int = 3
     """Stop after this many consecutive steps with a NaN/inf loss or gradient (each one is skipped)."""
+    pack: bool = False
+    """Pack each step's conversations into rows of data.max_length tokens: the same update, fewer micro-batches."""
+    memory_check: bool = True
+    """Forecast the step's memory before loading the model and refuse a run the machine cannot hold."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", self.epochs, "at least 1")

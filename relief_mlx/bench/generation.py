@@ -1,5 +1,6 @@
 """Generation speed: prefill tokens/s and time to first token by prompt length, decode tokens/s
-by generation length, peak memory of each phase; our loop and mlx-lm's on the same model.
+by generation length, peak memory of each phase; our loop on relief's model and mlx-lm's
+`generate_step` on mlx-lm's model (the same weight arrays: `source.mlx_lm_model`).
 
 Every runner is timed by the same harness from outside (the clock starts before the call and
 reads each token as the runner hands it over), so neither loop's own timing is trusted. Trials
@@ -85,10 +86,11 @@ def random_prompt(length: int, seed: int) -> mx.array:
     return mx.array(np.random.default_rng([seed, length]).integers(0, BOS_ID, size=length), dtype=mx.int32)
 
 
-def bench_generation(model: nn.Module, runners: Sequence[str], prompt_lengths: Sequence[int],
+def bench_generation(models: dict[str, nn.Module], prompt_lengths: Sequence[int],
                      gen_lengths: Sequence[int], trials: int, chunk: int, seed: int = 0,
                      say: Say | None = None) -> dict[str, dict]:
-    """{runner: {"prefill": [row per prompt length], "decode": [row per generation length]}}.
+    """{runner: {"prefill": [row per prompt length], "decode": [row per generation length]}},
+    each runner ("relief", "mlx-lm") on its model.
 
     Prefill rows time a one-token generation after each prompt length; decode rows time the G
     tokens that follow the first one after the shortest prompt. Each runner first runs once
@@ -97,15 +99,15 @@ def bench_generation(model: nn.Module, runners: Sequence[str], prompt_lengths: S
     say = say or (lambda message: None)
     prompts = {p: random_prompt(p, seed) for p in prompt_lengths}
     decode_prompt = min(prompt_lengths)
-    for name in runners:
+    for name, model in models.items():
         say(f"generation: warm-up ({name})")
         for p in prompt_lengths:
             timed_run(RUNNERS[name], model, prompts[p], 2, chunk)
 
-    out: dict[str, dict] = {name: {"prefill": [], "decode": []} for name in runners}
+    out: dict[str, dict] = {name: {"prefill": [], "decode": []} for name in models}
     for p in prompt_lengths:
         say(f"generation: prefill {p} tokens x {trials} trials")
-        runs = _trials(runners, trials, model, prompts[p], 1, chunk)
+        runs = _trials(models, trials, prompts[p], 1, chunk)
         for name, rs in runs.items():
             out[name]["prefill"].append({
                 "prompt_tokens": p,
@@ -115,7 +117,7 @@ def bench_generation(model: nn.Module, runners: Sequence[str], prompt_lengths: S
             })
     for g in gen_lengths:
         say(f"generation: decode {g} tokens after {decode_prompt} x {trials} trials")
-        runs = _trials(runners, trials, model, prompts[decode_prompt], g + 1, chunk)
+        runs = _trials(models, trials, prompts[decode_prompt], g + 1, chunk)
         for name, rs in runs.items():
             out[name]["decode"].append({
                 "prompt_tokens": decode_prompt,
@@ -126,12 +128,13 @@ def bench_generation(model: nn.Module, runners: Sequence[str], prompt_lengths: S
     return out
 
 
-def _trials(runners: Sequence[str], trials: int, model: nn.Module, prompt: mx.array, max_tokens: int,
+def _trials(models: dict[str, nn.Module], trials: int, prompt: mx.array, max_tokens: int,
             chunk: int) -> dict[str, list[Run]]:
+    runners = list(models)
     runs: dict[str, list[Run]] = {name: [] for name in runners}
     for trial in range(trials):
         for name in runners if trial % 2 == 0 else runners[::-1]:  # neither always runs first
-            run = timed_run(RUNNERS[name], model, prompt, max_tokens, chunk)
+            run = timed_run(RUNNERS[name], models[name], prompt, max_tokens, chunk)
             if run.tokens != max_tokens:
                 raise RuntimeError(f"{name} generated {run.tokens} tokens, asked for {max_tokens}")
             runs[name].append(run)

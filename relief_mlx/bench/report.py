@@ -141,7 +141,21 @@ def footnotes(result: dict) -> list[str]:
              "above 1x is faster; memory ratios below 1x are leaner"]
     lines += [bytes_line(row, arch) for row in decode]
     lines += [f"MEASUREMENT ERROR: {e}" for e in measurement_errors(result)]
-    return lines
+    return lines + memory_lines(result)
+
+
+def memory_lines(result: dict) -> list[str]:
+    """relief's LoRA step memory: the forecast (`relief_mlx.memory`) and each part measured alone."""
+    memory = (result.get("training") or {}).get("memory")
+    if not memory:
+        return []
+    parts = ("weights", "activations", "loss_head", "lora_state")
+    forecast, measured = memory["forecast"], memory["measured"]
+    row = lambda d: "  ".join(f"{k.replace('_', ' ')} {d[k] / GIB:.2f}" for k in parts)  # noqa: E731
+    return ["", "relief LoRA step memory, GiB",
+            f"  forecast   {forecast['total'] / GIB:.2f}: {row(forecast)}",
+            f"  measured   peak {measured['peak'] / GIB:.2f}; each part alone: {row(measured)}; "
+            f"allocator cache {measured['allocator_cache'] / GIB:.2f}"]
 
 
 def markdown(result: dict) -> str:

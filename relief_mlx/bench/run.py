@@ -11,21 +11,24 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import mlx.core as mx
 
 from ..errors import ReliefError
 from ..generate.loop import DEFAULT_PREFILL_CHUNK
+from ..memory import train_forecast
 from ..model.load import default_dtype
 from . import memory, source
 from .generation import Say, bench_generation
 from .stats import paired_ratio
-from .training import bench_training, train_shape
+from .training import bench_training, memory_breakdown, train_shape
 
 FORMAT = "relief-bench/1"
 COMPARE = ("mlx-lm",)
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,10 @@ class BenchConfig:
     """Preset whose shapes get random weights in memory (experts MXFP4): mini, gpt-oss-20b-2l, -6l, gpt-oss-20b."""
     experts: str | None = None
     """A preset's experts: mxfp4 (default, as published) or the dtype the model runs in (dequantized)."""
+    shared_experts: bool = False
+    """Every layer holds layer 0's dense experts: timing a deep float32 model in less memory."""
+    dtype: str | None = None
+    """Float weights: float32 or bfloat16 (default: the backend's, float32 on the CPU)."""
     prompt_lengths: tuple[int, ...] = (128, 512, 2048)
     """Prompt lengths whose prefill is timed; decode follows the shortest."""
     gen_lengths: tuple[int, ...] = (128, 512)
@@ -71,17 +78,38 @@ class BenchConfig:
                 raise ReliefError(f"--{name.replace('_', '-')} {getattr(self, name)} is not valid; use 1 or more")
         if self.train_seq is not None and self.train_seq < 16:
             raise ReliefError(f"--train-seq {self.train_seq} is too short; use 16 tokens or more")
+        if self.dtype not in (None, *DTYPES):
+            raise ReliefError(f"--dtype {self.dtype} is not valid; choose one of {', '.join(DTYPES)}")
         unknown = [c for c in self.compare if c not in COMPARE]
         if unknown:
             raise ReliefError(f"--compare {unknown[0]} is not supported; choose one of {', '.join(COMPARE)}")
 
 
+    def command(self) -> str:
+        """The `relief bench` command line that runs this configuration (options left at their
+        defaults omitted)."""
+        words = ["relief", "bench"]
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value == f.default:
+                continue
+            option = "--" + f.name.replace("_", "-")
+            if f.name == "training":
+                words.append("--no-training")
+            elif f.name == "compare":
+                words += [w for c in value for w in (option, c)]
+            elif isinstance(value, bool):
+                words.append(option)
+            else:
+                words += [option, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+        return shlex.join(words)
+
+
 def run_bench(config: BenchConfig, say: Say | None = None) -> dict:
     """Measure generation (and LoRA training) speed and memory of one model; see module doc."""
     say = say or (lambda message: None)
-    runners = ("relief", *config.compare)
-    src = source.describe(config.model, config.preset, config.experts)
-    dtype = default_dtype()
+    src = source.describe(config.model, config.preset, config.experts, config.dtype, config.shared_experts)
+    dtype = DTYPES[config.dtype] if config.dtype else default_dtype()
     dtype_bytes = dtype.size
     shape = train_shape(config.recipe, config.train_seq) if config.training else None
 
@@ -89,6 +117,10 @@ def run_bench(config: BenchConfig, say: Say | None = None) -> dict:
     context = max(max(config.prompt_lengths), min(config.prompt_lengths) + max(config.gen_lengths) + 1)
     work = memory.Workload(context, config.prefill_chunk, shape.tokens if shape else 0)
     needed = memory.needed_bytes(src.config, dtype_bytes, src.mxfp4, work)
+    if src.shared_experts:  # one layer's expert arrays serve every layer
+        c = src.config
+        spared = (c["num_hidden_layers"] - 1) * c["num_local_experts"] * memory.expert_bytes(c, dtype_bytes, False)
+        needed = needed | {"weights": needed["weights"] - spared, "total": needed["total"] - spared}
     available = memory.available_memory()
     memory.check_fits(src.label, needed, available)
 
@@ -118,8 +150,11 @@ def run_bench(config: BenchConfig, say: Say | None = None) -> dict:
         "build_s": time.perf_counter() - tic,
     }
 
+    # -- mlx-lm runs its own model on the same weight arrays
+    models = {"relief": model} | {name: source.mlx_lm_model(model, src.config) for name in config.compare}
+
     # -- generation, each decode figure against the bandwidth limit
-    generation = bench_generation(model, runners, config.prompt_lengths, config.gen_lengths, config.trials,
+    generation = bench_generation(models, config.prompt_lengths, config.gen_lengths, config.trials,
                                   config.prefill_chunk, config.seed, say)
     for runner, rows in generation.items():
         for row in rows["decode"]:
@@ -130,14 +165,24 @@ def run_bench(config: BenchConfig, say: Say | None = None) -> dict:
     if shape is not None:
         from ..train.targets import apply_lora
 
-        mx.random.seed(config.seed)
-        apply_lora(model, shape.lora)
+        for m in models.values():  # the same LoRA initialization on each
+            mx.random.seed(config.seed)
+            apply_lora(m, shape.lora)
         training = {"shape": shape.to_dict(),
-                    "runners": bench_training(model, runners, shape, config.trials, config.seed, say)}
+                    "runners": bench_training(models, shape, config.trials, config.seed, say)}
+        say("training: memory breakdown (body and loss head alone)")
+        training["memory"] = {
+            "forecast": train_forecast(src.config, dtype_bytes, src.mxfp4, shape.step_shape(model)),
+            "measured": memory_breakdown(model, shape, config.seed) | {
+                "weights": model_info["weights_bytes"],
+                "peak": training["runners"]["relief"]["peak_memory_bytes"],
+                "allocator_cache": training["runners"]["relief"]["cache_bytes"]},
+        }
 
     return {
         "format": FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": config.command(),
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
         "machine": machine | {"node": platform.node(), "load_average": {"before": load_before,
                                                                          "after": _load_average()}},

@@ -39,29 +39,39 @@ class Source:
     preset: str | None = None
     folder: str | None = None
     """A converted folder or the Hub id of one (downloaded only when built)."""
+    shared_experts: bool = False
+    """Every layer holds layer 0's dense expert arrays (`describe`'s `shared_experts`)."""
 
     @property
     def mxfp4(self) -> bool:
         return (self.config.get("quantization") or {}).get("mode") == "mxfp4"
 
 
-
-def describe(model: str | None, preset: str | None, experts: str | None = None) -> Source:
+def describe(model: str | None, preset: str | None, experts: str | None = None, dtype: str | None = None,
+             shared_experts: bool = False) -> Source:
     """The source named by exactly one of `model` (folder or Hub id) and `preset`; a preset's
     experts are MXFP4 (as published; `auto` too) or dequantized to the dtype the model runs in
-    here (`float32` on CPU, `bfloat16` on GPUs: the bench casts every float weight to it)."""
+    (`dtype`: float32 or bfloat16, default the backend's: float32 on CPU, bfloat16 on GPUs).
+
+    `shared_experts` gives every layer the same dense expert arrays (layer 0's): each layer does
+    the work of a real one, in memory once, so a 6-layer float32 model fits 24 GB for timing
+    (it is not the published model: the benchmarks check it times like distinct experts)."""
     if (model is None) == (preset is None):
         raise ReliefError("pass exactly one of --model (a converted folder) and --preset "
                           f"({', '.join(PRESETS)})")
     if experts not in (None, *EXPERT_FORMATS):
         raise ReliefError(f"--experts {experts} is not valid; choose one of {', '.join(EXPERT_FORMATS)}")
-    runs_in = str(default_dtype()).removeprefix("mlx.core.")
-    if experts not in (None, "auto", "mxfp4", runs_in):
-        raise ReliefError(f"--experts {experts}: this backend runs the bench in {runs_in}, so dense experts are "
-                          f"{runs_in}; pass --experts {runs_in} or mxfp4")
+    runs_in = dtype or str(default_dtype()).removeprefix("mlx.core.")
+    dense = experts not in (None, "auto", "mxfp4")
+    if dense and experts != runs_in:
+        raise ReliefError(f"--experts {experts}: the bench runs in {runs_in}, so dense experts are "
+                          f"{runs_in}; pass --experts {runs_in} or mxfp4 (or --dtype {experts})")
+    if shared_experts and not dense:
+        raise ReliefError(f"--shared-experts shares dense experts; pass --experts {runs_in} with it")
     if preset is not None:
-        config = mlx_config(hf_config(preset), "mxfp4" if experts in (None, "auto", "mxfp4") else experts)
-        return Source(f"preset {preset} (synthesized)", config, preset=preset)
+        config = mlx_config(hf_config(preset), experts if dense else "mxfp4")
+        label = f"preset {preset} (synthesized{', experts shared by all layers' if shared_experts else ''})"
+        return Source(label, config, preset=preset, shared_experts=shared_experts)
     if experts is not None:
         raise ReliefError("--experts applies to --preset; a converted folder's experts are what "
                           "`relief convert --experts` wrote")
@@ -85,10 +95,26 @@ def build(source: Source, dtype: mx.Dtype, seed: int = 0, progress: Progress | N
         path, _ = hub.resolve(source.folder)
         model = build_model(source.config, read_weights(path), dtype)
     else:
-        weights = synth_weights(source.preset, dtype, seed, progress, dense=not source.mxfp4)
+        weights = synth_weights(source.preset, dtype, seed, progress, dense=not source.mxfp4,
+                                shared_experts=source.shared_experts)
         model = build_model(source.config, weights, dtype)
     mx.eval(model.parameters())
     return model
+
+
+def mlx_lm_model(model: nn.Module, config: dict) -> nn.Module:
+    """mlx-lm's own gpt-oss `Model` holding the very arrays of `model` (nothing is copied): what
+    the mlx-lm runners measure, so they run mlx-lm's modules (its MoE and YaRN), not relief's."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import gpt_oss
+
+    stock = gpt_oss.Model(gpt_oss.ModelArgs.from_dict(config))
+    if quantization := config.get("quantization"):
+        quantized = {name for name, m in model.named_modules() if "scales" in m}
+        nn.quantize(stock, **quantization, class_predicate=lambda p, m: p in quantized)
+    stock.load_weights(tree_flatten(model.parameters()), strict=True)
+    stock.eval()
+    return stock
 
 
 def random_tensors(config: dict, dtype: mx.Dtype, seed: int = 0) -> Iterator[tuple[str, mx.array]]:
@@ -127,15 +153,21 @@ def _mxfp4_scale(fan_in: int) -> int:
 
 
 def synth_weights(preset: str, dtype: mx.Dtype, seed: int = 0, progress: Progress | None = None,
-                  dense: bool = False) -> dict[str, mx.array]:
+                  dense: bool = False, shared_experts: bool = False) -> dict[str, mx.array]:
     """MLX weights of a preset (random, MXFP4 experts, dequantized to `dtype` when `dense`), one
-    tensor evaluated at a time, mapped to MLX's names and layout by the converter's own `hf_to_mlx`."""
+    tensor evaluated at a time, mapped to MLX's names and layout by the converter's own `hf_to_mlx`.
+    With `shared_experts`, every layer's experts are layer 0's arrays."""
     config = hf_config(preset)
     experts = {mx.bfloat16: "bfloat16", mx.float32: "float32"}[dtype] if dense else "mxfp4"
     total = len(tensor_plan(config))
     weights: dict[str, mx.array] = {}
     pending: dict[str, mx.array] = {}
     for done, (name, tensor) in enumerate(random_tensors(config, dtype, seed), start=1):
+        if shared_experts and ".mlp.experts." in name and not name.startswith("model.layers.0."):
+            layer = ".".join(name.split(".")[:3]) + "."  # model.layers.N.
+            weights |= {k.replace("model.layers.0.", layer, 1): v
+                        for k, v in weights.items() if k.startswith("model.layers.0.mlp.experts.")}
+            continue  # drawn lazily, never evaluated
         pending[name] = tensor
         mapped = hf_to_mlx(pending, "mxfp4", experts, dtype)  # an expert waits for its bias
         mx.eval(mapped)

@@ -74,9 +74,14 @@ def available() -> tuple[int | None, str]:
     return available_memory()
 
 
+def memory_check_off() -> bool:
+    """RELIEF_MEMORY_CHECK=off: every memory refusal (loading, converting, training) is skipped."""
+    return os.environ.get("RELIEF_MEMORY_CHECK", "").lower() in ("off", "0", "false", "no")
+
+
 def check_memory(what: str, need: int, fix: str, detail: str = "") -> None:
     """Refuse `what` when `need` bytes exceed what the backend can use (module doc)."""
-    if os.environ.get("RELIEF_MEMORY_CHECK", "").lower() in ("off", "0", "false", "no"):
+    if memory_check_off():
         return
     limit, source = available()
     if limit is None or need <= limit:

@@ -32,6 +32,12 @@ def event_line(kind: str, e: dict) -> str | None:
         return (f"training {e['trainable']:,} LoRA parameters on {counts['examples']} examples "
                 f"({counts['trained_tokens']:,} trained tokens; {counts['dropped']} dropped as too long) "
                 f"for {e['steps']} steps on {e['world']} rank(s){resumed} -> {e['run']}")
+    if kind == "forecast":
+        from ..memory import GIB, describe
+
+        limit = e["available_bytes"]
+        room = f" of {limit / GIB:.1f} GiB ({e['available_source']})" if limit else ""
+        return f"memory forecast ({e['dtype']}): {describe(e['parts'])}{room}"
     if kind == "load":
         return f"loading {e['model']} ..."
     if kind == "compile":

@@ -31,12 +31,15 @@ from mlx_lm.generate import wired_limit
 from .. import hub
 from ..errors import ReliefError, ReliefWarning, WriteError
 from ..io import folder_lock, write_json, write_text
+from ..memory import forecast_run
 from ..model.load import load
 from ..model.lora import ADAPTER_CONFIG, base_fingerprint
+from ..model.moe import gather_only
 from ..recipe import Recipe, TrainSection, load_recipe, to_toml
 from . import distributed, state
 from .data import MicroBatch, Splits, epoch_order, eval_order, load_splits, micro_batch
-from .loss import cross_entropy_value, hidden_states, loss_sum, plain_loss_sum
+from .loss import checkpointed_loss_and_grad, cross_entropy_value, hidden_states, loss_sum, plain_loss_sum
+from .pack import PackedBatch, pack_rows, packed_micro_batch
 from .targets import apply_lora, count_trainable
 
 Event = Callable[[str, dict], None]
@@ -82,6 +85,9 @@ def _train(recipe: Recipe, resume: str | Path | None, on_event: Event | None, ov
     tc, vc = recipe.train, recipe.validation
     run = Path(resume) if resume else Path(recipe.output.dir)
     _check_start(recipe, run, resume, group, overwrite)
+
+    # -- memory: the forecast, or a refusal before anything is loaded
+    emit("forecast", forecast_run(recipe))
 
     # -- model, LoRA, data
     wall = time.perf_counter()
@@ -134,7 +140,7 @@ def _train(recipe: Recipe, resume: str | Path | None, on_event: Event | None, ov
         while run_state.step < total_steps and status == "finished":
             tic = time.perf_counter()
             batches = _next_batches(run_state, lengths, tc)
-            grads, loss, norm, counts, stopping = _accumulate(model, micro_step, batches, splits, recipe,
+            grads, loss, norm, counts, stopping = _accumulate(model, micro_step, batches, lengths, splits, recipe,
                                                               run_state.step, group, stop)
             lr = schedule(optimizer.step).item()  # what this update uses
             if math.isfinite(loss) and math.isfinite(norm):
@@ -205,17 +211,20 @@ def _next_batches(run_state: state.RunState, lengths: list[int], tc: TrainSectio
     return run_state.order[run_state.batch : run_state.batch + tc.grad_accumulation]
 
 
-def _accumulate(model: nn.Module, micro_step: Callable, batches: list[list[int]], splits: Splits,
-                recipe: Recipe, step: int, group, stop: threading.Event):
-    """Run this rank's share of `batches` and sum over ranks. Returns the gradient and the loss
+def _accumulate(model: nn.Module, micro_step: Callable, batches: list[list[int]], lengths: list[int],
+                splits: Splits, recipe: Recipe, step: int, group, stop: threading.Event):
+    """Run this rank's share of `batches` (packed into rows of max_length tokens with
+    `train.pack`) and sum over ranks. Returns the gradient and the loss
     per trained token of the whole step, the gradient norm, (trained tokens, tokens), and whether
     any rank was asked to stop."""
     tc = recipe.train
     grads = tree_map(mx.zeros_like, model.trainable_parameters())
     counts = np.zeros(4, np.float32)  # loss sum, trained tokens, tokens, stop flag
     model.train()
-    for index in range(group.rank(), len(batches), group.size()):
-        mb = micro_batch(splits.train, batches[index], recipe.data.max_length, tc.pad_multiple)
+    rows = pack_rows(batches, lengths, recipe.data.max_length) if tc.pack else batches
+    build = packed_micro_batch if tc.pack else micro_batch
+    for index in range(group.rank(), len(rows), group.size()):
+        mb = build(splits.train, rows[index], recipe.data.max_length, tc.pad_multiple)
         mx.random.seed(_micro_seed(tc.seed, step, index))  # dropout
         loss, grads = micro_step(grads, *_arrays(mb))
         mx.eval(loss, grads)
@@ -362,27 +371,39 @@ def make_micro_step(model: nn.Module, tc: TrainSection) -> Callable:
     """(accumulated grads, batch arrays) -> (summed loss, grads + this batch's grads), compiled
     when `tc.compile`; the batch arrays are `train.data.micro_batch`'s, in `MicroBatch` order."""
 
-    def loss_fn(model, inputs, positions, targets, weights, targets_full, mask_full):
+    def loss_fn(model, inputs, positions, targets, weights, targets_full, mask_full, segments=None):
         if tc.loss_chunk:
-            return loss_sum(model, inputs, positions, targets, weights, tc.loss_chunk, tc.grad_checkpoint)
-        return plain_loss_sum(model, inputs, targets_full, mask_full, tc.grad_checkpoint)
+            return loss_sum(model, inputs, positions, targets, weights, tc.loss_chunk, tc.grad_checkpoint, segments)
+        return plain_loss_sum(model, inputs, targets_full, mask_full, tc.grad_checkpoint, segments)
 
     value_and_grad = nn.value_and_grad(model, loss_fn)
+    layerwise = tc.grad_checkpoint and tc.loss_chunk and not tc.compile  # see loss.layerwise_value_and_grad
 
     def step(accumulated, *batch):
-        loss, grads = value_and_grad(model, *batch)
+        if layerwise:  # batch: inputs, positions, targets, weights, targets_full, mask_full[, segments]
+            segments = batch[6] if len(batch) > 6 else None
+            loss, grads = checkpointed_loss_and_grad(model, *batch[:4], tc.loss_chunk, segments)
+        else:
+            loss, grads = value_and_grad(model, *batch)
         return loss, tree_map(mx.add, accumulated, grads)
 
     if not tc.compile:
         return step
     # The model's arrays and the random state are read (and rebound) inside: declare them.
     compiled_state = [model.state, mx.random.state]
-    return partial(mx.compile, inputs=compiled_state, outputs=compiled_state)(step)
+    compiled = partial(mx.compile, inputs=compiled_state, outputs=compiled_state)(step)
+
+    def traced(*args):
+        with gather_only():  # a compiled step cannot sync with the host to group experts
+            return compiled(*args)
+
+    return traced
 
 
 def _arrays(mb: MicroBatch) -> tuple[mx.array, ...]:
+    packed = (mb.segments,) if isinstance(mb, PackedBatch) else ()
     return tuple(mx.array(a) for a in (mb.inputs, mb.positions, mb.targets, mb.weights,
-                                       mb.targets_full, mb.mask_full))
+                                       mb.targets_full, mb.mask_full, *packed))
 
 
 def _micro_seed(seed: int, step: int, index: int) -> int:

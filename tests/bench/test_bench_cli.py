@@ -170,6 +170,17 @@ def test_agreement_compares_min_max_ranges(compared):
     assert "| prefill 16 tok/s |" in markdown(data)
 
 
+def test_json_keeps_the_command_and_the_memory_breakdown(compared):
+    result, data, _ = compared
+    assert data["command"].startswith("relief bench --preset mini") and "--compare mlx-lm" in data["command"]
+    memory = data["training"]["memory"]
+    for part in ("weights", "activations", "loss_head", "lora_state"):
+        assert memory["forecast"][part] > 0 and memory["measured"][part] > 0, part
+    assert memory["measured"]["weights"] == data["model"]["weights_bytes"] or memory["measured"]["weights"] > 0
+    assert memory["measured"]["peak"] >= memory["measured"]["weights"]
+    assert "relief LoRA step memory, GiB" in result.output and "allocator cache" in result.output
+
+
 def test_pooled_runs_summarize_every_trial_of_every_run(compared):
     import copy
 

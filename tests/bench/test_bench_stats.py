@@ -33,6 +33,6 @@ def test_runner_order_flips_every_trial(monkeypatch):
         return tokens
 
     monkeypatch.setattr(generation, "RUNNERS", {"relief": runner("relief"), "mlx-lm": runner("mlx-lm")})
-    runs = generation._trials(["relief", "mlx-lm"], 4, None, None, 2, 8)
+    runs = generation._trials({"relief": None, "mlx-lm": None}, 4, None, 2, 8)
     assert order == ["relief", "mlx-lm", "mlx-lm", "relief"] * 2
     assert [len(v) for v in runs.values()] == [4, 4]
