@@ -195,10 +195,16 @@ def layerwise_value_and_grad(model: nn.Module, inputs: mx.array,
             return (layer(x, mask) * cotangent).sum()
 
         mx.random.seed(seed + i)
-        if i:
+        trained = bool(tree_flatten(weights))  # LoRA may leave a layer out (lora.layers)
+        if trained and i:
             grads[i], cotangent = mx.grad(pullback, argnums=(0, 1))(weights, x)
-        else:  # the embedding is frozen: no gradient into the first layer's input
+        elif trained:  # the embedding is frozen: no gradient into the first layer's input
             grads[i] = mx.grad(pullback)(weights, x)
+        else:
+            grads[i] = weights
+            if not i:
+                break  # nothing below needs a gradient
+            cotangent = mx.grad(pullback, argnums=1)(weights, x)
         layer.update(weights)
         mx.eval(grads[i], cotangent)
     params["model"]["layers"] = grads

@@ -134,8 +134,9 @@ def test_chunked_head_peak_memory_stays_flat_while_plain_grows(head):
     assert peak(plain, 512) > 16 * one_chunk  # the plain head holds all 512 rows of logits
 
 
-def _lora_everywhere(path, dropout: float = 0.0):
-    """The mini model with LoRA on attention and on every expert (the grouped CPU path), B nonzero."""
+def _lora_everywhere(path, dropout: float = 0.0, layers: int = -1):
+    """The mini model with LoRA on attention and on every expert (the grouped CPU path), B nonzero
+    (on the last `layers` layers; -1: all)."""
     from mlx.utils import tree_map
     from train_helpers import build
 
@@ -144,21 +145,22 @@ def _lora_everywhere(path, dropout: float = 0.0):
 
     model = build(path)
     mx.random.seed(2)
-    apply_lora(model, LoraSection(targets=("self_attn.*", "mlp.experts.*"), rank=4, dropout=dropout))
+    apply_lora(model, LoraSection(targets=("self_attn.*", "mlp.experts.*"), rank=4, dropout=dropout, layers=layers))
     model.update(tree_map(lambda p: p + 0.03 * mx.random.normal(p.shape), model.trainable_parameters()))
     mx.eval(model.parameters())
     return model
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_layerwise_checkpointing_equals_whole_model_gradients(mini_mlx_f32, packed):
+@pytest.mark.parametrize("packed, layers", [(False, -1), (True, -1), (False, 2)])
+def test_layerwise_checkpointing_equals_whole_model_gradients(mini_mlx_f32, packed, layers):
     """The layer-by-layer checkpointed step (loss.layerwise_value_and_grad) against
-    nn.value_and_grad of the whole model, LoRA on attention and experts (the grouped CPU path)."""
+    nn.value_and_grad of the whole model, LoRA on attention and experts (the grouped CPU path),
+    on every layer or on the last two only (the first layers then have nothing to train)."""
     from mlx.utils import tree_flatten
 
     from relief_mlx.train.loss import checkpointed_loss_and_grad
 
-    model = _lora_everywhere(mini_mlx_f32)
+    model = _lora_everywhere(mini_mlx_f32, layers=layers)
     rng = np.random.default_rng(3)
     inputs = mx.array(rng.integers(0, 199_998, (1, 150)), dtype=mx.int32)
     positions = mx.array(np.sort(rng.choice(150, 64, replace=False)), dtype=mx.int32)
