@@ -7,12 +7,13 @@ pipeline's 0.008 samples/s.
 
 Random weights at the preset's shapes, synthesized in memory (as `relief bench` does); the real
 conversations rendered and masked as training renders them (512-token limit). Each repeat runs
-every batch size in turn (the order flips every repeat); best of `--repeats`.
+every batch size in turn (the order flips every repeat); the median (min-max) of `--repeats`.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -60,15 +61,16 @@ def main() -> None:
             teacher_forced(model, examples, b, data.max_length)
             runs[f"batch {b}"].append(len(examples) / (time.perf_counter() - tic))
             print(f"repeat {repeat + 1}: batch {b:<3} {runs[f'batch {b}'][-1]:7.2f} samples/s", flush=True)
-    best = {name: max(v) for name, v in runs.items()}
+    stats = {name: {"median": statistics.median(v), "min": min(v), "max": max(v)} for name, v in runs.items()}
     tokens = sum(len(e.tokens) for e in examples)
-    for name, v in best.items():
-        print(f"{name:<9} best {v:7.2f} samples/s ({v * tokens / len(examples):,.0f} tokens/s), "
-              f"{v / ORIGINAL_SAMPLES_PER_S:,.0f}x the original {ORIGINAL_SAMPLES_PER_S}")
+    for name, v in stats.items():
+        print(f"{name:<9} median {v['median']:7.2f} ({v['min']:.2f}-{v['max']:.2f}) samples/s "
+              f"({v['median'] * tokens / len(examples):,.0f} tokens/s), "
+              f"{v['median'] / ORIGINAL_SAMPLES_PER_S:,.0f}x the original {ORIGINAL_SAMPLES_PER_S}")
     out = args.out or ROOT / "benchmarks" / "results" / f"eval-{args.preset}-{backend(mx)}.json"
     write_json(out, {"preset": args.preset, "backend": backend(mx), "dtype": str(default_dtype()),
                      "split": args.split, "examples": len(examples), "tokens": tokens,
-                     "samples_per_s": runs, "best": best, "original_samples_per_s": ORIGINAL_SAMPLES_PER_S})
+                     "samples_per_s": runs, "stats": stats, "original_samples_per_s": ORIGINAL_SAMPLES_PER_S})
     print(f"results -> {out}")
 
 

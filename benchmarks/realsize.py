@@ -230,15 +230,17 @@ def main() -> None:
     results = {name: json.loads(f.read_text()) for name, f in files.items() if f.is_file()}
     head = json.loads(head_file.read_text())
     tokens = {"train": 512, "prefill": 128, "decode": 1}
-    fitted = fit(results["speed-2l"], results["speed-6l-shared"], head, tokens)
+    two = "speed-2l" if "speed-2l" in results else "speed-2l-shared"  # distinct experts when measured
+    fitted = fit(results[two], results["speed-6l-shared"], head, tokens)
     sharing = None
-    if "speed-2l-shared" in results:
+    if {"speed-2l", "speed-2l-shared"} <= set(results):
         a, b = _figures(results["speed-2l"]), _figures(results["speed-2l-shared"])
         sharing = {f: {r: [a[f][r]["median"], b[f][r]["median"]] for r in a[f]} for f in a}
     both = {"memory-2l", "memory-6l"} <= set(results)
     memory = memory_24(results["memory-2l"], results["memory-6l"]) if both else None
-    write_json(f"{stem}.json", {"fit": fitted, "head": head, "sharing": sharing, "memory": memory,
-                                "runs": {n: str(f.name) for n, f in files.items()}})
+    write_json(f"{stem}.json", {"fit": fitted, "fitted_from": [two, "speed-6l-shared"], "head": head,
+                                "sharing": sharing, "memory": memory,
+                                "runs": {n: str(f.name) for n, f in files.items() if n in results}})
     write_text(f"{stem}.md", markdown(fitted, memory, sharing))
     print(Path(f"{stem}.md").read_text())
 

@@ -7,7 +7,8 @@ and time).
 
 N prompts of different lengths (each its own question, so the prompt cache does not help the
 concurrent run more than the sequential one), greedy, `--new-tokens` each; the figure is the
-completion tokens the server reports (usage) over wall time, best of `--repeats` alternated runs.
+completion tokens the server reports (usage) over wall time, the median (min-max) of `--repeats`
+alternated runs; the ratio is taken run by run.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import http.client
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -79,7 +81,7 @@ def main() -> None:
     parser.add_argument("--model", help="Converted checkpoint [default: a synthesized mini]")
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
@@ -102,14 +104,16 @@ def main() -> None:
             proc.terminate()
             proc.wait(30)
             log.close()
-    best = {name: max(v) for name, v in runs.items()}
-    ratio = best["concurrent"] / best["one at a time"]
-    print(f"best: one at a time {best['one at a time']:.1f} tokens/s, {args.requests} concurrent "
-          f"{best['concurrent']:.1f} tokens/s: {ratio:.2f}x")
+    stats = {name: {"median": statistics.median(v), "min": min(v), "max": max(v)} for name, v in runs.items()}
+    ratios = [c / o for c, o in zip(runs["concurrent"], runs["one at a time"], strict=True)]
+    ratio = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+    print(f"median of {args.repeats}: one at a time {stats['one at a time']['median']:.1f} tokens/s, "
+          f"{args.requests} concurrent {stats['concurrent']['median']:.1f} tokens/s: {ratio['median']:.2f}x "
+          f"({ratio['min']:.2f}-{ratio['max']:.2f})")
     name = "mini" if args.model is None else Path(args.model).name
     out = args.out or ROOT / "benchmarks" / "results" / f"serve-{name}-{backend(mx)}.json"
     write_json(out, {"model": name, "backend": backend(mx), "requests": args.requests, "new_tokens": args.new_tokens,
-                     "tokens_per_s": runs, "best": best, "concurrent_over_one_at_a_time": ratio})
+                     "tokens_per_s": runs, "stats": stats, "concurrent_over_one_at_a_time": ratio})
     print(f"results -> {out}")
 
 
