@@ -213,7 +213,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--trials", type=int, default=3, help="timed trials of every speed figure (default 3)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=list(RUNS), help="runs to skip (reuse their JSON)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=[*RUNS, "head"],
+                        help="runs to skip (reuse their JSON)")
     parser.add_argument("--fit-only", action="store_true", help="run nothing; fit the JSON in --out-dir")
     args = parser.parse_args()
 
@@ -225,12 +226,15 @@ def main() -> None:
         if not args.fit_only and name not in args.skip:
             bench(name, files[name], args.trials)
     head_file = Path(f"{stem}-head.json")
-    if not args.fit_only:
+    if not args.fit_only and "head" not in args.skip:
         write_json(head_file, heads(512, args.trials))
     results = {name: json.loads(f.read_text()) for name, f in files.items() if f.is_file()}
     head = json.loads(head_file.read_text())
     tokens = {"train": 512, "prefill": 128, "decode": 1}
     two = "speed-2l" if "speed-2l" in results else "speed-2l-shared"  # distinct experts when measured
+    if not {two, "speed-6l-shared"} <= set(results):
+        print(f"nothing to fit yet: run speed-2l (or speed-2l-shared) and speed-6l-shared into {args.out_dir}")
+        return
     fitted = fit(results[two], results["speed-6l-shared"], head, tokens)
     sharing = None
     if {"speed-2l", "speed-2l-shared"} <= set(results):
