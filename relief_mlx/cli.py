@@ -555,7 +555,7 @@ def _lengths(ctx: click.Context, param: click.Parameter, value: str) -> tuple[in
                    "model runs in (--dtype) [default: mxfp4].")
 @click.option("--shared-experts", is_flag=True,
               help="Every layer holds layer 0's dense experts: a deep float32 model timed in less memory.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]),
+@click.option("--dtype", type=click.Choice(DTYPES),
               help="Float weights [default: the backend's: float32 on the CPU, bfloat16 on GPUs].")
 @click.option("--prompt-lengths", default="128,512,2048", show_default=True, callback=_lengths,
               help="Prompt lengths whose prefill is timed; decode follows the shortest.")

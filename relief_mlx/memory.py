@@ -138,6 +138,12 @@ def check_recipe_fits(recipe, config: dict, dtype_bytes: int, available: tuple[i
         if total(data={"max_length": length}) <= limit:
             fixes.append((f"data.max_length = {length}", total(data={"max_length": length})))
             break
+    batch = recipe.train.batch_size // 2
+    while batch >= 1 and not recipe.train.pack:
+        if total(train={"batch_size": batch}) <= limit:
+            fixes.append((f"train.batch_size = {batch}", total(train={"batch_size": batch})))
+            break
+        batch //= 2
     qv = ("self_attn.q_proj", "self_attn.v_proj")
     if set(recipe.lora.targets) != set(qv):
         fixes.append(("lora.targets = [\"self_attn.q_proj\", \"self_attn.v_proj\"]", total(lora={"targets": qv})))

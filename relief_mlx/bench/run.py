@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, fields
 
 import mlx.core as mx
 
+from ..choices import DTYPES
 from ..errors import ReliefError
 from ..generate.loop import DEFAULT_PREFILL_CHUNK
 from ..memory import train_forecast
@@ -28,7 +29,6 @@ from .training import bench_training, memory_breakdown, train_shape
 
 FORMAT = "relief-bench/1"
 COMPARE = ("mlx-lm",)
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class BenchConfig:
     shared_experts: bool = False
     """Every layer holds layer 0's dense experts: timing a deep float32 model in less memory."""
     dtype: str | None = None
-    """Float weights: float32 or bfloat16 (default: the backend's, float32 on the CPU)."""
+    """Float weights: float32, bfloat16 or float16 (default: the backend's, float32 on the CPU)."""
     prompt_lengths: tuple[int, ...] = (128, 512, 2048)
     """Prompt lengths whose prefill is timed; decode follows the shortest."""
     gen_lengths: tuple[int, ...] = (128, 512)
@@ -109,7 +109,7 @@ def run_bench(config: BenchConfig, say: Say | None = None) -> dict:
     """Measure generation (and LoRA training) speed and memory of one model; see module doc."""
     say = say or (lambda message: None)
     src = source.describe(config.model, config.preset, config.experts, config.dtype, config.shared_experts)
-    dtype = DTYPES[config.dtype] if config.dtype else default_dtype()
+    dtype = getattr(mx, config.dtype) if config.dtype else default_dtype()
     dtype_bytes = dtype.size
     shape = train_shape(config.recipe, config.train_seq) if config.training else None
 

@@ -158,7 +158,7 @@ def synth_weights(preset: str, dtype: mx.Dtype, seed: int = 0, progress: Progres
     tensor evaluated at a time, mapped to MLX's names and layout by the converter's own `hf_to_mlx`.
     With `shared_experts`, every layer's experts are layer 0's arrays."""
     config = hf_config(preset)
-    experts = {mx.bfloat16: "bfloat16", mx.float32: "float32"}[dtype] if dense else "mxfp4"
+    experts = str(dtype).removeprefix("mlx.core.") if dense else "mxfp4"
     total = len(tensor_plan(config))
     weights: dict[str, mx.array] = {}
     pending: dict[str, mx.array] = {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
@@ -28,6 +30,7 @@ def test_mlx_lm_model_is_mlx_lm_s_and_shares_every_array():
 def test_shared_experts_are_one_set_of_arrays_in_memory():
     src = source.describe(None, "mini", "float32", "float32", shared_experts=True)
     assert src.shared_experts and not src.mxfp4 and "experts shared by all layers" in src.label
+    gc.collect()  # arrays earlier tests left to the collector would be freed in the middle
     mx.synchronize()
     before = mx.get_active_memory()
     model = source.build(src, mx.float32)
@@ -36,5 +39,6 @@ def test_shared_experts_are_one_set_of_arrays_in_memory():
     distinct = source.build(source.describe(None, "mini", "float32", "float32"), mx.float32)
     expert_bytes = sum(v.nbytes for _, v in tree_flatten(distinct.layers[0].mlp.experts.parameters()))
     held = mx.get_active_memory() - before
-    # the shared model holds 3 fewer layers of experts than the distinct one (and a few small buffers)
-    assert abs(held - (2 * sum(v.nbytes for _, v in tree_flatten(distinct.parameters())) - 3 * expert_bytes)) < 4096
+    # the shared model holds 3 fewer layers of experts (4.8 MB) than the distinct one, give or take
+    # small buffers (12 KB measured after other tests)
+    assert abs(held - (2 * sum(v.nbytes for _, v in tree_flatten(distinct.parameters())) - 3 * expert_bytes)) < 2**16

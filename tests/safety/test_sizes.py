@@ -32,6 +32,11 @@ def test_a_lora_rank_above_the_layer_is_refused_before_training(rank, mini_mlx_f
                                       "13.5 GB)")
 def test_a_batch_larger_than_the_training_split_is_refused(mini_mlx_f32, tiny_data, tmp_path):
     recipe = load_recipe(recipe_file(tmp_path, mini_mlx_f32, tiny_data, tmp_path / "run", "train.batch_size=100000"))
+    with pytest.raises(ReliefError, match=r"the training step needs about [\d,.]+ GiB.* it would fit with "
+                                          r"train.batch_size = \d+ "):
+        train(recipe)  # the memory forecast, before anything is loaded
+    recipe = load_recipe(recipe_file(tmp_path, mini_mlx_f32, tiny_data, tmp_path / "run", "train.batch_size=100000",
+                                     "train.memory_check=false"))
     with pytest.raises(ReliefError, match=r"train.batch_size = 100000 is more than the 6 training examples; lower it "
                                           r"to 6 or less"):
         train(recipe)

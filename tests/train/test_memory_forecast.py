@@ -24,7 +24,7 @@ def test_train_prints_the_forecast_and_refuses_before_loading(make_recipe, tmp_p
                      r"\d+\.\d GiB \(", result.output), result.output
 
     monkeypatch.setattr(bench_memory, "available_memory", lambda: (1 << 20, "test limit"))
-    monkeypatch.setattr(trainer, "_load_model", lambda *a: pytest.fail("loaded the model before refusing"))
+    monkeypatch.setattr(trainer, "load", lambda *a: pytest.fail("loaded the model before refusing"))
     file.write_text(to_toml(make_recipe("train.iterations=1", name="refused")))
     result = CliRunner().invoke(cli, ["train", str(file)])
     assert result.exit_code == 1
