@@ -43,15 +43,19 @@ def read_weights(path: Path) -> dict[str, mx.array]:
     return weights
 
 
-def build_model(config: dict, weights: dict[str, mx.array], dtype: mx.Dtype | None = None) -> Model:
+def build_model(config: dict, weights: dict[str, mx.array], dtype: mx.Dtype | None = None,
+                check_fits: bool = True) -> Model:
     """A gpt-oss `Model` holding `weights`; float weights cast to `dtype` (default: the backend's).
-    Refused before anything is allocated when the machine cannot hold them (`limits.check_memory`)."""
+    Refused before anything is allocated when the machine cannot hold them (`limits.check_memory`;
+    `check_fits=False` where the caller has checked its own need, as the bench does for weights it
+    made itself)."""
     dtype = dtype or default_dtype()
     check_config(config, "config.json")
-    check_memory("loading the model", weight_bytes(config, dtype.size, bool(config.get("quantization"))),
-                 "use a machine with more memory, or MXFP4 experts (`relief convert --experts mxfp4`)",
-                 f"{config['num_hidden_layers']} layers, hidden size {config['hidden_size']}, "
-                 f"{str(dtype).rpartition('.')[2]}")
+    if check_fits:
+        check_memory("loading the model", weight_bytes(config, dtype.size, bool(config.get("quantization"))),
+                     "use a machine with more memory, or MXFP4 experts (`relief convert --experts mxfp4`)",
+                     f"{config['num_hidden_layers']} layers, hidden size {config['hidden_size']}, "
+                     f"{str(dtype).rpartition('.')[2]}")
     model = Model(ModelArgs.from_dict(config))
     if quantization := config.get("quantization"):
         # mlx-lm's rule (mlx_lm.utils.load_model): a per-module entry wins (`false` keeps a module
