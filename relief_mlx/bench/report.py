@@ -165,7 +165,7 @@ def markdown(result: dict) -> str:
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
     lines += ["| " + " | ".join(c.replace("  ", "&nbsp;&nbsp;", 1) if c.startswith("  ") else c for c in r) + " |"
               for r in rows]
-    return "\n".join(lines + [""] + [f"- {line}" for line in footnotes(result)])
+    return "\n".join(lines + [""] + [f"- {line.strip()}" for line in footnotes(result) if line.strip()])
 
 
 def write(result: dict, path: str | Path) -> Path:
