@@ -29,8 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .checkpoint.inspect import MXFP4_BYTES
-from .checkpoint.presets import count_parameters
+from .checkpoint.limits import weight_bytes
 from .errors import ReliefError
 
 GIB = 2**30
@@ -62,15 +61,6 @@ class StepShape:
     """LoRA parameters."""
     grad_checkpoint: bool
     loss_chunk: int
-
-
-def weight_bytes(config: dict, dtype_bytes: int, mxfp4: bool) -> int:
-    """Bytes of the weights: expert matrices MXFP4 or dense in the model's dtype, everything else
-    (expert biases included) dense."""
-    h, i = config["hidden_size"], config["intermediate_size"]
-    matrices = config["num_hidden_layers"] * config["num_local_experts"] * 3 * h * i  # gate, up, down
-    rest = count_parameters(config)["total"] - matrices
-    return round(matrices * MXFP4_BYTES if mxfp4 else matrices * dtype_bytes) + rest * dtype_bytes
 
 
 def train_forecast(config: dict, dtype_bytes: int, mxfp4: bool, shape: StepShape) -> dict[str, int]:

@@ -20,7 +20,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..checkpoint.inspect import MXFP4_BYTES, memory_table
+from ..checkpoint.inspect import MXFP4_BYTES
+from ..checkpoint.limits import weight_bytes
 from ..checkpoint.presets import count_parameters
 from ..errors import ReliefError
 from .stats import summarize
@@ -266,14 +267,6 @@ def mean_decode_bytes(config: dict, dtype_bytes: int, mxfp4: bool, prompt: int, 
 
 
 # ---------------------------------------------------------------- will it fit
-
-
-def weight_bytes(config: dict, dtype_bytes: int, mxfp4: bool) -> int:
-    """Weights in memory, from `relief inspect`'s table for the storage the bench will use."""
-    table = memory_table(count_parameters(config))
-    if mxfp4:
-        return table["mxfp4 experts + float32" if dtype_bytes == 4 else "mxfp4 experts + bf16 (published)"]
-    return table["float32" if dtype_bytes == 4 else "bfloat16"]
 
 
 @dataclass(frozen=True)

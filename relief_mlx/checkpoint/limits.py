@@ -58,13 +58,16 @@ def check_config(config: dict, file: str | Path) -> dict:
 
 
 def weight_bytes(config: dict, float_bytes: int, mxfp4: bool) -> int:
-    """Bytes the weights of `config` take in memory: expert matrices MXFP4 or dense, the rest dense."""
+    """Bytes the weights of `config` take in memory: expert matrices MXFP4 or dense in
+    `float_bytes`, everything else (expert biases included, as published) dense. The one count
+    behind every memory check and forecast (loading, the bench, `relief_mlx.memory`)."""
     from .inspect import MXFP4_BYTES
     from .presets import count_parameters
 
-    counts = count_parameters(config)
-    experts, rest = counts["experts"], counts["total"] - counts["experts"]
-    return round(experts * (MXFP4_BYTES if mxfp4 else float_bytes)) + rest * float_bytes
+    h, i = config["hidden_size"], config["intermediate_size"]
+    matrices = config["num_hidden_layers"] * config["num_local_experts"] * 3 * h * i  # gate, up, down
+    rest = count_parameters(config)["total"] - matrices
+    return round(matrices * (MXFP4_BYTES if mxfp4 else float_bytes)) + rest * float_bytes
 
 
 def available() -> tuple[int | None, str]:
