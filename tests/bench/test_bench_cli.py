@@ -144,6 +144,10 @@ def test_refuses_in_one_line_before_allocating(monkeypatch, tmp_path):
     (["--preset", "mini", "--bandwidth-mib", "0"], "--bandwidth-mib 0 is not valid"),
     (["--preset", "nano"], "'nano' is not one of 'mini'"),
     (["--preset", "mini", "--experts", "dense"], "'dense' is not one of 'auto', 'mxfp4', 'bfloat16', 'float32'"),
+    (["--preset", "mini", "--shared-experts"], "--shared-experts shares dense experts; pass --experts"),
+    (["--preset", "mini", "--dtype", "float32", "--experts", "bfloat16"],
+     "--experts bfloat16: the bench runs in float32, so dense experts are float32"),
+    (["--preset", "mini", "--dtype", "int8"], "'int8' is not one of 'float32', 'bfloat16', 'float16'"),
 ])
 def test_bad_options_are_one_line_errors(args, wrong):
     result = CliRunner().invoke(cli, ["bench", *args])
