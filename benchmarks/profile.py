@@ -71,9 +71,10 @@ def build_block(args, experts: str):
             setattr(glu, name, q)
     mx.eval(block.parameters())
 
-    class Holder(nn.Module):  # apply_lora wants a model with .layers
+    class Holder(nn.Module):  # apply_lora wants a model with .layers and .args
         def __init__(self):
             super().__init__()
+            self.args = args
             self.layers = [block]
 
     holder = Holder()

@@ -12,6 +12,9 @@ Each run is its own `relief bench` process (OpenBLAS preloaded, a fresh allocato
   speed-2l-shared  the same with every layer holding layer 0's experts: shows sharing times like
                    distinct experts (so 6l-shared stands for 6 real layers)
   speed-6l-shared  gpt-oss-20b-6l, experts shared (6 distinct float32 layers would need 24 GB)
+  mxfp4-2l/-6l/-24l  generation as a CPU user runs the published checkpoint (MXFP4 experts, the rest
+                   in relief's CPU default float32), relief vs mlx-lm: prefill 128, decode 32; at 24
+                   layers (16.2 GiB) the whole gpt-oss-20b, which checks the extrapolation
   memory-2l/-6l    bfloat16, relief's LoRA step memory part by part; experts dense and shared (MLX's
                    CPU MXFP4 matmul in bf16 takes ~80 s a projection: hours a step); the expert
                    activations have the shapes of the GPU's gather path, and the 24-layer weights
@@ -52,12 +55,16 @@ GIB = 2**30
 TARGET_GIB = 14.5
 DENSE = ["--dtype", "float32", "--experts", "float32"]
 SPEED = ["--compare", "mlx-lm", "--prompt-lengths", "128", "--gen-lengths", "32"]
+PUBLISHED = ["--dtype", "float32", "--experts", "mxfp4", "--no-training", *SPEED]
 MEMORY = ["--dtype", "bfloat16", "--experts", "bfloat16", "--shared-experts",
           "--prompt-lengths", "16", "--gen-lengths", "1", "--trials", "1"]
 RUNS = {
     "speed-2l": ["--preset", "gpt-oss-20b-2l", *DENSE, *SPEED],
     "speed-2l-shared": ["--preset", "gpt-oss-20b-2l", *DENSE, "--shared-experts", *SPEED],
     "speed-6l-shared": ["--preset", "gpt-oss-20b-6l", *DENSE, "--shared-experts", *SPEED],
+    "mxfp4-2l": ["--preset", "gpt-oss-20b-2l", *PUBLISHED],
+    "mxfp4-6l": ["--preset", "gpt-oss-20b-6l", *PUBLISHED],
+    "mxfp4-24l": ["--preset", "gpt-oss-20b", *PUBLISHED],
     "memory-2l": ["--preset", "gpt-oss-20b-2l", *MEMORY],
     "memory-6l": ["--preset", "gpt-oss-20b-6l", *MEMORY],
 }
@@ -103,11 +110,16 @@ def heads(tokens: int, trials: int) -> dict:
 
 
 def _figures(result: dict) -> dict[str, dict[str, dict]]:
-    """{figure: {runner: seconds (median, min, max)}}: a LoRA step, a 128-token prefill, a decoded token."""
-    gen, train = result["generation"]["runners"], result["training"]["runners"]
+    """{figure: {runner: seconds (median, min, max)}}: a LoRA step (when the run trained), a
+    128-token prefill, a decoded token."""
+    gen = result["generation"]["runners"]
     out: dict[str, dict[str, dict]] = {"train": {}, "prefill": {}, "decode": {}}
+    if result.get("training"):
+        for runner, r in result["training"]["runners"].items():
+            out["train"][runner] = r["step_s"]
+    else:
+        del out["train"]
     for runner in gen:
-        out["train"][runner] = train[runner]["step_s"]
         out["prefill"][runner] = gen[runner]["prefill"][0]["ttft_s"]
         speed = gen[runner]["decode"][0]["tokens_per_s"]
         out["decode"][runner] = {"median": 1 / speed["median"], "min": 1 / speed["max"], "max": 1 / speed["min"]}
@@ -177,18 +189,42 @@ def _forecast_24() -> dict:
     return train_forecast(config, 2, True, shape)
 
 
-def markdown(fitted: dict, memory: dict | None, sharing: dict | None) -> str:
+def measured_24(result: dict, tokens: dict[str, int]) -> dict:
+    """The whole model's figures as measured: {figure: {runner: tokens/s, "ratio": mlx-lm time / relief time}}."""
+    out = {}
+    for figure, rows in _figures(result).items():
+        out[figure] = {runner: tokens[figure] / t["median"] for runner, t in rows.items()}
+        out[figure]["ratio"] = rows["mlx-lm"]["median"] / rows["relief"]["median"]
+    return out
+
+
+def table(fitted: dict, measured: dict | None = None) -> list[str]:
+    """One row per figure: per-layer costs, the 2l/6l check, 24 layers extrapolated (and measured)."""
     names = {"train": "LoRA step (seed replica, 512 tokens)", "prefill": "prefill 128 tokens (to first token)",
              "decode": "decode, per token (after 128)"}
     lines = ["| figure | relief per layer | mlx-lm per layer | per-layer ratio | 2 and 6 layers agree | "
-             "relief at 24 layers | mlx-lm at 24 layers | ratio at 24 layers | ratio measured at 2 layers |",
-             "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+             "relief at 24 layers | mlx-lm at 24 layers | ratio at 24 layers | ratio measured at 2 layers |"
+             + (" measured at 24 layers: relief, mlx-lm, ratio |" if measured else ""),
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|" + ("---:|" if measured else "")]
     for figure, rows in fitted.items():
         r, m, q = rows["relief"], rows["mlx-lm"], rows["ratio"]
         agree = "yes" if r["agree"] and m["agree"] else "NO"
-        lines.append(f"| {names[figure]} | {r['per_layer_s']:.2f} s | {m['per_layer_s']:.2f} s | "
-                     f"{q['per_layer']:.2f}x | {agree} | {r['tokens_per_s_24l']:.3g} tok/s | "
-                     f"{m['tokens_per_s_24l']:.3g} tok/s | {q['at_24l']:.2f}x | {q['at_2l']:.2f}x |")
+        row = (f"| {names[figure]} | {r['per_layer_s']:.3g} s | {m['per_layer_s']:.3g} s | "
+               f"{q['per_layer']:.2f}x | {agree} | {r['tokens_per_s_24l']:.3g} tok/s | "
+               f"{m['tokens_per_s_24l']:.3g} tok/s | {q['at_24l']:.2f}x | {q['at_2l']:.2f}x |")
+        if measured:
+            got = measured[figure]
+            row += f" {got['relief']:.3g} / {got['mlx-lm']:.3g} tok/s, **{got['ratio']:.2f}x** |"
+        lines.append(row)
+    return lines
+
+
+def markdown(fitted: dict, memory: dict | None, sharing: dict | None, published: dict | None = None,
+             published_24: dict | None = None) -> str:
+    lines = ["Dense float32 experts (shared by all layers):", "", *table(fitted)]
+    if published:
+        lines += ["", "The published format (MXFP4 experts, the rest float32, as `relief convert` writes "
+                  "and relief loads on the CPU), generation only:", "", *table(published, published_24)]
     if sharing:
         lines += ["", "Shared experts time like distinct ones (2 layers, median s): "
                   + ", ".join(f"{f} {r}: {sharing[f][r][0]:.3g} vs {sharing[f][r][1]:.3g}"
@@ -240,12 +276,18 @@ def main() -> None:
     if {"speed-2l", "speed-2l-shared"} <= set(results):
         a, b = _figures(results["speed-2l"]), _figures(results["speed-2l-shared"])
         sharing = {f: {r: [a[f][r]["median"], b[f][r]["median"]] for r in a[f]} for f in a}
+    published = published_24 = None
+    if {"mxfp4-2l", "mxfp4-6l"} <= set(results):
+        published = fit(results["mxfp4-2l"], results["mxfp4-6l"], head, tokens)
+        if "mxfp4-24l" in results:
+            published_24 = measured_24(results["mxfp4-24l"], tokens)
     both = {"memory-2l", "memory-6l"} <= set(results)
     memory = memory_24(results["memory-2l"], results["memory-6l"]) if both else None
     write_json(f"{stem}.json", {"fit": fitted, "fitted_from": [two, "speed-6l-shared"], "head": head,
+                                "published_fit": published, "published_measured_24l": published_24,
                                 "sharing": sharing, "memory": memory,
                                 "runs": {n: str(f.name) for n, f in files.items() if n in results}})
-    write_text(f"{stem}.md", markdown(fitted, memory, sharing))
+    write_text(f"{stem}.md", markdown(fitted, memory, sharing, published, published_24))
     print(Path(f"{stem}.md").read_text())
 
 

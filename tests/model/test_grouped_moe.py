@@ -1,5 +1,6 @@
 """The CPU's expert-by-expert MoE path gives what mlx-lm's gather_mm path gives, in value and
-gradient, with and without LoRA on the experts; it is taken only where it should be."""
+gradient, with and without LoRA on the experts; MXFP4 experts split across the CPU's cores give
+what one stream gives; each path is taken only where it should be."""
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -150,3 +151,95 @@ def test_grouped_gradient_keeps_no_copy_of_the_expert_weights():
     mx.reset_peak_memory()
     mx.eval(grad(x))
     assert mx.get_peak_memory() - before < expert_bytes / 4
+
+
+def _mxfp4_glu() -> SwitchGLU:
+    mx.random.seed(5)
+    glu = SwitchGLU(64, 64, E, activation=SwigluOAI(), bias=True)
+    nn.quantize(glu, group_size=32, bits=4, mode="mxfp4")
+    mx.eval(glu.parameters())
+    return glu
+
+
+@pytest.mark.parametrize("extra", [1, 2, 3])
+def test_experts_split_across_streams_equal_one_stream(extra):
+    """Each part runs the same kernel on its rows, so the split changes no bit (greedy tokens
+    cannot change); 1-3 extra streams cut k=4 experts into 2, 3 and 4 parts."""
+    glu = _mxfp4_glu()
+    rng = np.random.default_rng(2)
+    x = mx.array(rng.normal(size=(3, 1, 64)).astype(np.float32))  # 3 rows decoding one token each
+    indices = mx.array(np.stack([rng.choice(E, K, replace=False) for _ in range(3)])[:, None], dtype=mx.uint32)
+    streams = [mx.new_stream(mx.cpu) for _ in range(extra)]
+    assert np.array_equal(np.array(moe.split_glu(glu, x, indices, streams)), np.array(glu(x, indices)))
+
+
+def test_the_split_is_taken_only_for_cpu_kernels_without_threads(monkeypatch):
+    cores = [mx.new_stream(mx.cpu)]
+    monkeypatch.setattr(moe, "_streams", lambda: cores)
+    quantized, dense = _mxfp4_glu(), _glu(lora=False)
+    assert moe.core_streams(quantized) == cores  # MXFP4: one thread per stream
+    assert moe.core_streams(dense) == []  # float32 through BLAS, threaded already
+    with moe.gather_only():  # inside mx.compile
+        assert moe.core_streams(quantized) == []
+    monkeypatch.setattr(moe, "_streams", lambda: [])
+    assert moe.core_streams(quantized) == []  # a one-core machine
+
+
+def test_split_mxfp4_experts_with_lora_train_like_one_stream():
+    """A prefill-sized batch (120 pairs, sorted inside SwitchGLU) through LoRA on MXFP4 experts:
+    value and every LoRA gradient equal with the experts split across three streams."""
+    glu = _mxfp4_glu()
+    glu.freeze()
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        layer = LoRASwitchLinear.from_base(getattr(glu, name), r=4, scale=2.0)
+        layer.lora_b = 0.1 * mx.random.normal(layer.lora_b.shape)
+        setattr(glu, name, layer)
+    rng = np.random.default_rng(4)
+    x = mx.array(rng.normal(size=(1, 30, 64)).astype(np.float32))
+    indices = mx.array(np.stack([rng.choice(E, K, replace=False) for _ in range(30)])[None], dtype=mx.uint32)
+    streams = [mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)]
+    results = []
+    for path in (lambda x: glu(x, indices), lambda x: moe.split_glu(glu, x, indices, streams)):
+        def loss(params, x, path=path):
+            glu.update(params)
+            return (path(x) ** 2).sum()
+
+        value, grads = mx.value_and_grad(loss)(glu.trainable_parameters(), x)
+        results.append((value.item(), dict(tree_flatten(grads))))
+    (want, want_grads), (got, got_grads) = results
+    assert len(got_grads) == 6 and got == pytest.approx(want, rel=1e-6)
+    for name, g in want_grads.items():
+        np.testing.assert_allclose(np.array(got_grads[name]), np.array(g), rtol=1e-5, atol=1e-6 * np.abs(g).max())
+
+
+def test_streams_are_one_per_usable_core_beyond_the_first():
+    import os
+
+    assert len(moe._streams()) == len(os.sched_getaffinity(0)) - 1
+    assert moe._streams() is moe._streams()  # made once
+
+
+def test_mxfp4_model_decodes_the_same_tokens_split_and_unsplit(monkeypatch):
+    """Greedy decode through the generation loop: the split path (forced to 3 parts) and one
+    stream give the same tokens and the same log-probabilities to the bit."""
+    from relief_mlx.generate.loop import generate_tokens
+    from relief_mlx.generate.sampling import SamplingConfig
+
+    args = ModelArgs(num_hidden_layers=2, hidden_size=64, intermediate_size=64, num_local_experts=E,
+                     num_experts_per_tok=K, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                     vocab_size=64, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+    mx.random.seed(0)
+    model = Model(args)
+    nn.quantize(model, group_size=32, bits=4, mode="mxfp4",
+                class_predicate=lambda path, m: path.endswith(("gate_proj", "up_proj", "down_proj")))
+    mx.eval(model.parameters())
+    calls, split = [], moe.split_glu
+    monkeypatch.setattr(moe, "split_glu", lambda *a: calls.append(1) or split(*a))
+    runs = []
+    for streams in ([mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)], []):
+        monkeypatch.setattr(moe, "_streams", lambda s=streams: s)
+        steps = list(generate_tokens(model, [3, 1, 4, 1, 5, 9, 2, 6], max_tokens=12,
+                                     sampling=SamplingConfig(temperature=0.0), logprobs=True))
+        runs.append([(s.token, s.logprob) for s in steps])
+    assert len(calls) == 2 * 13  # both layers of the 7-token feed (28 pairs) and the 12 one-token passes
+    assert runs[0] == runs[1]
