@@ -1,6 +1,6 @@
 """Every real-width figure of the README's "gpt-oss-20b's real widths" section, in one go.
 
-    python benchmarks/realsize.py                   # everything (about 2.5 h on a quiet 2-core CPU)
+    python benchmarks/realsize.py                   # everything (about 3 h on a quiet 2-core CPU)
     python benchmarks/realsize.py --skip speed-2l-shared --trials 3
     python benchmarks/realsize.py --fit-only        # refit the JSON already in --out-dir
 
@@ -189,12 +189,14 @@ def _forecast_24() -> dict:
     return train_forecast(config, 2, True, shape)
 
 
-def measured_24(result: dict, tokens: dict[str, int]) -> dict:
-    """The whole model's figures as measured: {figure: {runner: tokens/s, "ratio": mlx-lm time / relief time}}."""
+def measured_24(result: dict) -> dict:
+    """The whole model's figures as measured: {figure: {runner: median tokens/s, "ratio": the
+    bench's trial-by-trial relief/mlx-lm ratio (median, min, max)}}."""
+    gen, ratios = result["generation"]["runners"], result["ratios"]
     out = {}
-    for figure, rows in _figures(result).items():
-        out[figure] = {runner: tokens[figure] / t["median"] for runner, t in rows.items()}
-        out[figure]["ratio"] = rows["mlx-lm"]["median"] / rows["relief"]["median"]
+    for figure in ("prefill", "decode"):
+        out[figure] = {runner: gen[runner][figure][0]["tokens_per_s"]["median"] for runner in gen}
+        out[figure]["ratio"] = {k: ratios[figure][0]["tokens_per_s"][k] for k in ("median", "min", "max")}
     return out
 
 
@@ -204,7 +206,7 @@ def table(fitted: dict, measured: dict | None = None) -> list[str]:
              "decode": "decode, per token (after 128)"}
     lines = ["| figure | relief per layer | mlx-lm per layer | per-layer ratio | 2 and 6 layers agree | "
              "relief at 24 layers | mlx-lm at 24 layers | ratio at 24 layers | ratio measured at 2 layers |"
-             + (" measured at 24 layers: relief, mlx-lm, ratio |" if measured else ""),
+             + (" measured at 24 layers: relief / mlx-lm, ratio trial by trial |" if measured else ""),
              "|---|---:|---:|---:|---|---:|---:|---:|---:|" + ("---:|" if measured else "")]
     for figure, rows in fitted.items():
         r, m, q = rows["relief"], rows["mlx-lm"], rows["ratio"]
@@ -214,7 +216,9 @@ def table(fitted: dict, measured: dict | None = None) -> list[str]:
                f"{m['tokens_per_s_24l']:.3g} tok/s | {q['at_24l']:.2f}x | {q['at_2l']:.2f}x |")
         if measured:
             got = measured[figure]
-            row += f" {got['relief']:.3g} / {got['mlx-lm']:.3g} tok/s, **{got['ratio']:.2f}x** |"
+            q = got["ratio"]
+            row += (f" {got['relief']:.3g} / {got['mlx-lm']:.3g} tok/s, **{q['median']:.2f}x** "
+                    f"({q['min']:.2f}-{q['max']:.2f}) |")
         lines.append(row)
     return lines
 
@@ -280,7 +284,7 @@ def main() -> None:
     if {"mxfp4-2l", "mxfp4-6l"} <= set(results):
         published = fit(results["mxfp4-2l"], results["mxfp4-6l"], head, tokens)
         if "mxfp4-24l" in results:
-            published_24 = measured_24(results["mxfp4-24l"], tokens)
+            published_24 = measured_24(results["mxfp4-24l"])
     both = {"memory-2l", "memory-6l"} <= set(results)
     memory = memory_24(results["memory-2l"], results["memory-6l"]) if both else None
     write_json(f"{stem}.json", {"fit": fitted, "fitted_from": [two, "speed-6l-shared"], "head": head,
