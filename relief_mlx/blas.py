@@ -42,6 +42,12 @@ OVERRIDE = "RELIEF_BLAS"
 MARKER = "RELIEF_FAST_BLAS_REEXEC"
 # OpenBLAS reads the first of these that is set; a user's choice in any of them stands.
 THREAD_VARS = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")
+# An idle OpenBLAS worker spins for 2^28 cycles (~0.1 s) after each call before it sleeps, on
+# a core that relief's own CPU streams need (`model.moe.split_glu` runs MXFP4 experts beside
+# BLAS): 2^4 cycles made a 6-layer gpt-oss decode 1.11x faster with the split and left it as it
+# was without (README, Benchmarks). A value the user set stands.
+TIMEOUT_VARS = ("OPENBLAS_THREAD_TIMEOUT", "GOTO_THREAD_TIMEOUT")
+SPIN = "4"
 _CUDA_DISTS = ("mlx-cuda-12", "mlx-cuda-13", "mlx-cuda")
 # benchmarks/blas.py (README, BLAS on Linux): fp32 1024 x 1024 matmul, reference BLAS vs OpenBLAS,
 # and the demo's training speed on a fresh Debian machine without and with OpenBLAS (issue #10).
@@ -112,6 +118,8 @@ def reexec_env(
         # OpenBLAS sizes its pool from the CPU affinity mask but ignores cgroup quotas, so in a
         # container limited to 2 of 64 cores it would run 64 threads on 2 cores.
         new["OPENBLAS_NUM_THREADS"] = str(cpus)
+    if not any(v in env for v in TIMEOUT_VARS):
+        new[TIMEOUT_VARS[0]] = SPIN
     return new
 
 
@@ -213,7 +221,7 @@ def export_line() -> str | None:
     lib = find_blas(os.environ, candidate_paths())
     if lib is None:
         return None
-    return f"export LD_PRELOAD={lib} OPENBLAS_NUM_THREADS={usable_cpus()}"
+    return f"export LD_PRELOAD={lib} OPENBLAS_NUM_THREADS={usable_cpus()} {TIMEOUT_VARS[0]}={SPIN}"
 
 
 def _mappings() -> list[tuple[int, int, str]]:

@@ -33,7 +33,7 @@ def plan(env: dict[str, str], *, system: str = "linux", reference: bool = True,
 def test_preloads_openblas_with_marker_and_threads():
     env = plan({"PATH": "/bin"})
     assert env == {"PATH": "/bin", "LD_PRELOAD": LIB, blas.MARKER: LIB,
-                   "OPENBLAS_NUM_THREADS": "3"}
+                   "OPENBLAS_NUM_THREADS": "3", "OPENBLAS_THREAD_TIMEOUT": "4"}
 
 
 def test_prepends_to_a_non_blas_preload():
@@ -70,6 +70,12 @@ def test_a_thread_count_the_user_set_stands(var):
     env = plan({var: "7"})
     assert env[var] == "7"
     assert var == "OPENBLAS_NUM_THREADS" or "OPENBLAS_NUM_THREADS" not in env
+
+
+@pytest.mark.parametrize("var", blas.TIMEOUT_VARS)
+def test_a_spin_timeout_the_user_set_stands(var):
+    env = plan({var: "28"})
+    assert env[var] == "28" and [v for v in blas.TIMEOUT_VARS if v in env] == [var]
 
 
 def test_relief_blas_wins_even_without_the_cpu_wheel():
