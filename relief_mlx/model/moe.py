@@ -16,8 +16,8 @@ anything inside `mx.compile` (which cannot sync with the host): see `gather_only
 
 MXFP4 experts on the CPU take a second lever: MLX's quantized kernels run on one thread, so
 `split_glu` gives each core's stream its share of a token's k experts (2 + 2 on two cores);
-on the 2-core test machine the whole gpt-oss-20b decodes at 0.86 tokens/s with it, 1.32x
-mlx-lm's 0.67, and prefills twice as fast (`benchmarks/realsize.py`).
+on the 2-core test machine the whole gpt-oss-20b decodes at 0.96 tokens/s with it, 1.51x
+mlx-lm's 0.64, and prefills twice as fast (`benchmarks/realsize.py`).
 """
 
 from __future__ import annotations
