@@ -23,7 +23,6 @@ mlx-lm's 0.64, and prefills twice as fast (`benchmarks/realsize.py`).
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator, Sequence
 
 import mlx.core as mx
@@ -32,6 +31,8 @@ import numpy as np
 from mlx_lm.models import gpt_oss
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchLinear
 from mlx_lm.tuner.lora import LoRASwitchLinear
+
+from ..blas import usable_cpus
 
 GROUP_MIN_PAIRS = 64
 """(token, expert) pairs from which the CPU groups by expert (mlx-lm sorts from 64 as well)."""
@@ -132,7 +133,7 @@ _STREAMS: list[mx.Stream] = []
 def _streams() -> list[mx.Stream]:
     """One CPU stream per usable core beyond the first (created once, kept for the process)."""
     if not _STREAMS:
-        _STREAMS.extend(mx.new_stream(mx.cpu) for _ in range(len(os.sched_getaffinity(0)) - 1))
+        _STREAMS.extend(mx.new_stream(mx.cpu) for _ in range(usable_cpus() - 1))
     return _STREAMS
 
 
